@@ -1,0 +1,314 @@
+"""gpt-oss in Flax NNX, in the order of SPEC section 2: norm, YaRN rotary, attention, MoE, block, model.
+
+Dimension legend (einsum letters and tensor-name suffixes):
+  B batch          T query positions    S key positions     H hidden
+  N kv heads       G q heads per kv     D head dim          E experts
+  K experts/token  I expert width       F = 2I (gate/linear interleaved)
+  V vocab
+
+Parameters keep the checkpoints' [out, in] orientation, so conversion copies bytes unchanged; the
+experts stay MXFP4-packed and are decoded only where used (see `moe.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax import moe
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
+from gptoss_jax.mxfp4 import BLOCK
+
+ATTENTION_IMPLS = ("xla",)
+
+
+class Packed(nnx.Variable):
+    """MXFP4 bytes: stored, sharded and checkpointed like parameters, never differentiated."""
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, std: float) -> nnx.Param:
+    """A random normal parameter with its logical axis names (mapped to a mesh by `sharding.py`)."""
+    value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """`x * rsqrt(mean(x^2) + eps) * scale`, computed in float32 (the scale is stored as the checkpoint has it)."""
+
+    def __init__(self, config: GptOssConfig, dtype):
+        self.eps = config.rms_norm_eps
+        self.scale = nnx.Param(jnp.ones((config.hidden_size,), dtype), out_sharding=("embed",), eager_sharding=False)
+
+    def __call__(self, x_BTH: jax.Array) -> jax.Array:
+        x = x_BTH.astype(jnp.float32)  # float32 statistics: bf16 squares lose the small components
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x_BTH.dtype)
+
+
+def yarn_inv_freq(config: GptOssConfig) -> tuple[jax.Array, float]:
+    """YaRN inverse frequencies [D/2] and the concentration, SPEC 2.2 steps 1-5 (float32, cut points unrounded).
+
+    The cut points are clipped to [0, D - 1] as Hugging Face does; REF does not clip, which differs
+    only when a cut falls outside that range (never for the published configs: 8.09 and 17.40).
+    """
+    freq = config.rope_theta ** (jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim)
+    concentration = 0.1 * math.log(config.rope_scaling_factor) + 1.0
+
+    def cut(beta: float) -> float:
+        half = config.head_dim // 2
+        return half * math.log(config.initial_context_length / (beta * 2 * math.pi)) / math.log(config.rope_theta)
+
+    low, high = max(cut(config.rope_ntk_beta), 0.0), min(cut(config.rope_ntk_alpha), config.head_dim - 1.0)
+    if low == high:
+        high += 0.001  # as HF: a zero-width ramp would divide by zero
+    ramp = jnp.clip((jnp.arange(config.head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1: extrapolate (frequency unchanged), 0: interpolate (divided by the factor)
+    inv_freq = (1.0 / (config.rope_scaling_factor * freq)) * (1.0 - keep) + (1.0 / freq) * keep
+    return inv_freq, concentration
+
+
+def rotary_tables(config: GptOssConfig, positions_BT: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, D/2], both scaled by the YaRN concentration, cast to the activation dtype."""
+    inv_freq, concentration = yarn_inv_freq(config)
+    angle = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return (jnp.cos(angle) * concentration).astype(dtype), (jnp.sin(angle) * concentration).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos_BT: jax.Array, sin_BT: jax.Array) -> jax.Array:
+    """Half-split (NeoX) rotation of `x [B, T, heads..., D]`: [a cos - b sin, b cos + a sin]."""
+    extra = (None,) * (x.ndim - 3)
+    cos, sin = cos_BT[:, :, *extra, :], sin_BT[:, :, *extra, :]
+    a, b = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def attend(
+    q_BTNGD: jax.Array,
+    k_BSND: jax.Array,
+    v_BSND: jax.Array,
+    q_pos_BT: jax.Array,
+    k_pos_BS: jax.Array,
+    sinks_NG: jax.Array,
+    window: int | None,
+) -> jax.Array:
+    """Reference attention with sinks: the sink is one extra logit column with no value (REF `sdpa`).
+
+    Key j is visible to query i iff 0 <= j <= i and, on sliding layers, i - j < window. Logits,
+    softmax and the sink are float32; the sink is not multiplied by the 1/sqrt(D) scale.
+    """
+    scale = q_BTNGD.shape[-1] ** -0.5
+    logits = jnp.einsum("btngd,bsnd->bngts", q_BTNGD, k_BSND, preferred_element_type=jnp.float32) * scale
+    q_pos, k_pos = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+    visible_BTS = (k_pos >= 0) & (k_pos <= q_pos)
+    if window is not None:
+        visible_BTS &= q_pos - k_pos < window
+    logits = jnp.where(visible_BTS[:, None, None], logits, -jnp.inf)
+    sink = jnp.broadcast_to(sinks_NG.astype(jnp.float32)[None, :, :, None, None], (*logits.shape[:-1], 1))
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    return jnp.einsum("bngts,bsnd->btngd", probs.astype(v_BSND.dtype), v_BSND)
+
+
+class Attention(nnx.Module):
+    """Pre-norm GQA attention with sinks and residual: `x + out(attend(rope(q), rope(k), v))`."""
+
+    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, rngs: nnx.Rngs):
+        H, Q, N, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.config, self.window = config, config.sliding_window if sliding else None
+        self.norm = RMSNorm(config, dtype)
+        std = H**-0.5
+        self.q = _param(rngs, (Q, D, H), ("q_heads", "head_dim", "embed"), dtype, std)
+        self.q_bias = _param(rngs, (Q, D), ("q_heads", "head_dim"), dtype, 0.1)
+        self.k = _param(rngs, (N, D, H), ("kv_heads", "head_dim", "embed"), dtype, std)
+        self.k_bias = _param(rngs, (N, D), ("kv_heads", "head_dim"), dtype, 0.1)
+        self.v = _param(rngs, (N, D, H), ("kv_heads", "head_dim", "embed"), dtype, std)
+        self.v_bias = _param(rngs, (N, D), ("kv_heads", "head_dim"), dtype, 0.1)
+        self.out = _param(rngs, (H, Q, D), ("embed", "q_heads", "head_dim"), dtype, (Q * D) ** -0.5)
+        self.out_bias = _param(rngs, (H,), ("embed",), dtype, 0.1)
+        self.sinks = _param(rngs, (Q,), ("q_heads",), dtype, 1.0)
+
+    def __call__(
+        self, x_BTH: jax.Array, rope: tuple[jax.Array, jax.Array], q_pos_BT: jax.Array,
+        plan: WritePlan | None, cache: LayerCache | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        N, G = self.config.num_key_value_heads, self.config.q_per_kv
+        t = self.norm(x_BTH)
+        q = jnp.einsum("bth,qdh->btqd", t, self.q[...]) + self.q_bias[...]
+        k = jnp.einsum("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...]
+        v = jnp.einsum("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q_BTNGD = q.reshape(*q.shape[:2], N, G, -1)  # q head j belongs to kv head j // G
+        if cache is None:
+            keys, values, k_pos = k, v, q_pos_BT
+        else:
+            keys, values, cache = cache.attend_to(plan, k, v)
+            k_pos = plan.key_positions
+        o = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, self.sinks[...].reshape(N, G), self.window)
+        o_BTQD = o.reshape(*o.shape[:2], N * G, -1)
+        return x_BTH + jnp.einsum("btqd,hqd->bth", o_BTQD, self.out[...]) + self.out_bias[...], cache
+
+
+class MoE(nnx.Module):
+    """Pre-norm mixture of experts with residual: route each token to K experts, weight their outputs."""
+
+    def __init__(self, config: GptOssConfig, *, dtype, impl: str, rngs: nnx.Rngs):
+        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.config, self.impl = config, impl
+        self.norm = RMSNorm(config, dtype)
+        self.router = _param(rngs, (E, H), ("experts", "embed"), dtype, H**-0.5)
+        self.router_bias = _param(rngs, (E,), ("experts",), dtype, 0.1)
+        self.mlp1_blocks, self.mlp1_scales = _packed(rngs, (E, 2 * I, H), ("experts", "mlp", "embed"))
+        self.mlp1_bias = _param(rngs, (E, 2 * I), ("experts", "mlp"), dtype, 0.1)
+        self.mlp2_blocks, self.mlp2_scales = _packed(rngs, (E, H, I), ("experts", "embed", "mlp"))
+        self.mlp2_bias = _param(rngs, (E, H), ("experts", "embed"), dtype, 0.1)
+
+    def __call__(self, x_BTH: jax.Array) -> jax.Array:
+        t = self.norm(x_BTH)
+        # Router in float32: top-k on nearly tied bf16 logits would pick experts by rounding noise.
+        logits_BTE = jnp.einsum("bth,eh->bte", t, self.router[...], preferred_element_type=jnp.float32)
+        logits_BTE += self.router_bias[...].astype(jnp.float32)
+        top_logits, experts_BTK = jax.lax.top_k(logits_BTE, self.config.experts_per_token)
+        weights_BTK = jax.nn.softmax(top_logits, axis=-1)  # over the K selected logits only
+        experts = moe.PackedExperts(
+            self.mlp1_blocks[...], self.mlp1_scales[...], self.mlp1_bias[...],
+            self.mlp2_blocks[...], self.mlp2_scales[...], self.mlp2_bias[...],
+            alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit,
+        )
+        return x_BTH + moe.apply_experts(self.impl, experts, t, experts_BTK, weights_BTK)
+
+
+def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> tuple[Packed, Packed]:
+    """Random MXFP4 weights `[E, out, in]` with scales near 2^-6, so values are ~N(0, 1/in)-sized."""
+    E, R, C = shape
+    blocks = jax.random.randint(rngs.params(), (E, R, C // BLOCK, BLOCK // 2), 0, 256, jnp.int32)
+    scales = jax.random.randint(rngs.params(), (E, R, C // BLOCK), 117, 121, jnp.int32)
+    return (
+        Packed(blocks.astype(jnp.uint8), out_sharding=(*axes, None), eager_sharding=False),
+        Packed(scales.astype(jnp.uint8), out_sharding=axes, eager_sharding=False),
+    )
+
+
+class Block(nnx.Module):
+    """One transformer layer: attention then MoE, each with its own pre-norm and residual."""
+
+    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, moe_impl: str, rngs: nnx.Rngs):
+        self.attn = Attention(config, sliding=sliding, dtype=dtype, rngs=rngs)
+        self.mlp = MoE(config, dtype=dtype, impl=moe_impl, rngs=rngs)
+
+    def __call__(self, x_BTH, rope, q_pos_BT, plan, cache):
+        x_BTH, cache = self.attn(x_BTH, rope, q_pos_BT, plan, cache)
+        return self.mlp(x_BTH), cache
+
+
+def _stacked_blocks(config: GptOssConfig, count: int, *, sliding: bool, dtype, moe_impl: str, rngs: nnx.Rngs):
+    """`count` Blocks with their parameters stacked on a leading `layers` axis, for `lax.scan`."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs: nnx.Rngs) -> Block:
+        return Block(config, sliding=sliding, dtype=dtype, moe_impl=moe_impl, rngs=layer_rngs)
+
+    return create(rngs)
+
+
+class GptOss(nnx.Module):
+    """The gpt-oss transformer: embed, L blocks (sliding on even layers), final norm, unembed.
+
+    `model(tokens)` runs a whole sequence without a cache. For generation, `init_cache` then
+    `step(tokens, cache)` for the prompt (in chunks if long) and for each new token.
+    `dtype` sets parameters and activations (bfloat16 by default; float32 for parity);
+    `moe_impl` picks the expert implementation (`moe.IMPLS`), `attention_impl` the attention one.
+    """
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        attention_impl: str = "xla",
+        moe_impl: str = "auto",
+    ):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+        if moe_impl not in moe.IMPLS:
+            raise ValueError(f"unknown moe_impl {moe_impl!r}; choose one of {moe.IMPLS}")
+        V, H, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
+        self.config, self.dtype = config, jnp.dtype(dtype)
+        self.embedding = _param(rngs, (V, H), ("vocab", "embed"), dtype, 1.0)
+        blocks = dict(dtype=dtype, moe_impl=moe_impl, rngs=rngs)
+        self.sliding_blocks = _stacked_blocks(config, (L + 1) // 2, sliding=True, **blocks)
+        self.full_blocks = _stacked_blocks(config, L // 2, sliding=False, **blocks) if L > 1 else None
+        self.norm = RMSNorm(config, dtype)
+        self.unembedding = _param(rngs, (V, H), ("vocab", "embed"), dtype, H**-0.5)
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        """Logits [B, T, V] (float32) of a whole sequence at positions 0..T-1."""
+        positions = query_positions(jnp.zeros(tokens_BT.shape[:1], jnp.int32), tokens_BT.shape[1])
+        x_BTH, _ = self._layers(self._embed(tokens_BT), positions, None, None)
+        return self._logits(x_BTH)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache.create(
+            num_layers=c.num_hidden_layers, batch=batch, max_len=max_len, window=c.sliding_window,
+            kv_heads=c.num_key_value_heads, head_dim=c.head_dim, dtype=self.dtype,
+        )
+
+    def step(
+        self, tokens_BT: jax.Array, cache: KVCache, valid_lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends `tokens` to each row at its own position and returns their logits and the new cache.
+
+        `valid_lengths [B]` says how many leading tokens of each row are real (the rest is padding,
+        never cached); by default all T are. Rows must not pass `cache.max_len` (checked by callers
+        that know the lengths; positions past it are not cached).
+        """
+        B, T = tokens_BT.shape
+        valid = jnp.full((B,), T, jnp.int32) if valid_lengths is None else valid_lengths.astype(jnp.int32)
+        positions = query_positions(cache.lengths, T)
+        x_BTH, (sliding, full) = self._layers(self._embed(tokens_BT), positions, cache.plans(T, valid), cache)
+        new_cache = KVCache(sliding=sliding, full=full, lengths=cache.lengths + valid)
+        return self._logits(x_BTH), new_cache
+
+    def _embed(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+
+    def _logits(self, x_BTH: jax.Array) -> jax.Array:
+        # float32 logits: sampling and log-probs need more than bf16's 8 bits of mantissa.
+        return jnp.einsum("bth,vh->btv", self.norm(x_BTH), self.unembedding[...], preferred_element_type=jnp.float32)
+
+    def _layers(self, x_BTH, positions_BT, plans, cache: KVCache | None):
+        """Runs the layers as a scan over (sliding, full) pairs, then a last sliding layer if L is odd."""
+        rope = rotary_tables(self.config, positions_BT, self.dtype)
+        sliding_plan, full_plan = plans if plans is not None else (None, None)
+        sliding_cache, full_cache = (cache.sliding, cache.full) if cache is not None else (None, None)
+        pairs = self.config.num_hidden_layers // 2
+        sliding_def, sliding_state = nnx.split(self.sliding_blocks)
+
+        def block(graph, state, x, plan, layer_cache):
+            return nnx.merge(graph, state)(x, rope, positions_BT, plan, layer_cache)
+
+        def take(tree, index):
+            return jax.tree.map(lambda a: a[index], tree)
+
+        sliding_out = []
+        if pairs:
+            full_def, full_state = nnx.split(self.full_blocks)
+
+            def pair(x, layer):
+                s_state, f_state, s_cache, f_cache = layer
+                x, s_cache = block(sliding_def, s_state, x, sliding_plan, s_cache)
+                x, f_cache = block(full_def, f_state, x, full_plan, f_cache)
+                return x, (s_cache, f_cache)
+
+            layers = (take(sliding_state, slice(pairs)), full_state, take(sliding_cache, slice(pairs)), full_cache)
+            x_BTH, (scanned, full_cache) = jax.lax.scan(pair, x_BTH, layers)
+            sliding_out.append(scanned)
+        if self.config.num_hidden_layers % 2:
+            x_BTH, last = block(sliding_def, take(sliding_state, pairs), x_BTH, sliding_plan, take(sliding_cache, pairs))
+            sliding_out.append(take(last, None))
+        return x_BTH, (jax.tree.map(lambda *stacks: jnp.concatenate(stacks), *sliding_out), full_cache)
