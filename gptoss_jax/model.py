@@ -49,22 +49,26 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x_BTH.dtype)
 
 
-def yarn_inv_freq(config: GptOssConfig) -> tuple[jax.Array, float]:
-    """YaRN inverse frequencies [D/2] and the concentration, SPEC 2.2 steps 1-5 (float32, cut points unrounded).
+def yarn_cut_points(config: GptOssConfig) -> tuple[float, float]:
+    """The ramp's ends (8.09 and 17.40 for the published configs): not rounded, since truncate=false.
 
-    The cut points are clipped to [0, D - 1] as Hugging Face does; REF does not clip, which differs
-    only when a cut falls outside that range (never for the published configs: 8.09 and 17.40).
+    Clipped to [0, D - 1] as Hugging Face does; REF does not clip, which differs only when a cut
+    falls outside that range (never for the published configs).
     """
-    freq = config.rope_theta ** (jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim)
-    concentration = 0.1 * math.log(config.rope_scaling_factor) + 1.0
 
     def cut(beta: float) -> float:
         half = config.head_dim // 2
         return half * math.log(config.initial_context_length / (beta * 2 * math.pi)) / math.log(config.rope_theta)
 
     low, high = max(cut(config.rope_ntk_beta), 0.0), min(cut(config.rope_ntk_alpha), config.head_dim - 1.0)
-    if low == high:
-        high += 0.001  # as HF: a zero-width ramp would divide by zero
+    return low, high + 0.001 if low == high else high  # as HF: a zero-width ramp would divide by zero
+
+
+def yarn_inv_freq(config: GptOssConfig) -> tuple[jax.Array, float]:
+    """YaRN inverse frequencies [D/2] and the concentration, SPEC 2.2 steps 1-5, in float32."""
+    freq = config.rope_theta ** (jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim)
+    concentration = 0.1 * math.log(config.rope_scaling_factor) + 1.0
+    low, high = yarn_cut_points(config)
     ramp = jnp.clip((jnp.arange(config.head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
     keep = 1.0 - ramp  # 1: extrapolate (frequency unchanged), 0: interpolate (divided by the factor)
     inv_freq = (1.0 / (config.rope_scaling_factor * freq)) * (1.0 - keep) + (1.0 / freq) * keep

@@ -37,6 +37,8 @@ def dequantize(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bflo
     """`blocks [..., R, C/32, 16]`, `scales [..., R, C/32]` -> weights `[..., R, C]` in `dtype`.
 
     The product is formed in float32, where it is exact (at most 2 significant bits), then cast.
+    Exact for scales 2..252: beyond them values leave the normal range
+    (XLA on CPU flushes subnormals to zero) or overflow. Released checkpoints stay far inside.
     """
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match")
