@@ -1,0 +1,132 @@
+"""Finding and checking a published checkpoint on disk: its layout, config, files and tensors.
+
+Everything is checked before anything is written: each expected tensor's presence, shape and dtype
+(against the config), no extra tensors, no truncated file, no shard named by the index but missing,
+and no E8M0 scale byte of 255 (NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from convert.safetensors_io import CheckpointError, StoredTensor, read_header
+from gptoss_jax import layouts
+from gptoss_jax.config import GptOssConfig
+
+INDEX = "model.safetensors.index.json"
+NAN_SCALE = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    layout: str  # "hf" or "original"
+    directory: Path
+    config: GptOssConfig
+    stored: dict[str, StoredTensor]
+    dense_experts: bool  # HF layout with experts dequantized to bf16 (fine-tunes, re-uploads)
+
+    def expected(self) -> list[layouts.Tensor]:
+        tensors = layouts.checkpoint_tensors(self.config, self.layout)
+        return [dense_expert_tensor(self.config, t) for t in tensors if not t.name.endswith("_scales")] if self.dense_experts else tensors
+
+
+def dense_expert_tensor(config: GptOssConfig, tensor: layouts.Tensor) -> layouts.Tensor:
+    """HF's dequantized expert tensor in place of a packed `_blocks` one: `[E, in, out]` bf16."""
+    if not tensor.name.endswith("_blocks"):
+        return tensor
+    E, out, blocks, _ = tensor.shape
+    return dataclasses.replace(tensor, name=tensor.name.removesuffix("_blocks"), shape=(E, blocks * 32, out), dtype="BF16")
+
+
+def open_source(src: Path, layout: str = "auto") -> Source:
+    """Detects the layout (or takes `layout`), reads the config and every file header, and checks them."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    directory, layout = _locate(src, layout)
+    config = GptOssConfig.from_pretrained(directory / "config.json")
+    raw_config = json.loads((directory / "config.json").read_text())
+    stored = _stored_tensors(directory, layout)
+    dense = layout == "hf" and "quantization_config" not in raw_config and not any(n.endswith("_blocks") for n in stored)
+    source = Source(layout, directory, config, stored, dense)
+    _check_tensors(source)
+    return source
+
+
+def _locate(src: Path, layout: str) -> tuple[Path, str]:
+    if layout not in ("auto", *layouts.LAYOUTS):
+        raise CheckpointError(f"unknown --format {layout!r}; choose auto, hf or original")
+    candidates = [(src, _layout_of(src)), (src / "original", _layout_of(src / "original"))]
+    for directory, found in candidates:
+        if found is not None and layout in ("auto", found):
+            return directory, found
+    raise CheckpointError(
+        f"{src}: unknown layout: expected config.json beside *.safetensors files in the Hugging Face layout "
+        f"(repo root) or the original layout (`original/`){'' if layout == 'auto' else f' for --format {layout}'}"
+    )
+
+
+def _layout_of(directory: Path) -> str | None:
+    """'hf' or 'original' from the config.json keys, if the folder holds a config and safetensors."""
+    config = directory / "config.json"
+    if not config.is_file() or not any(directory.glob("*.safetensors")):
+        return None
+    try:
+        raw = json.loads(config.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config}: not valid JSON: {error}") from None
+    return "hf" if "model_type" in raw or "num_local_experts" in raw else "original"
+
+
+def _stored_tensors(directory: Path, layout: str) -> dict[str, StoredTensor]:
+    index = directory / INDEX
+    if layout == "hf" and index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index}: malformed index: {error}") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{index} names shard {name}, which is missing from {directory}")
+    else:
+        weight_map, files = None, sorted(p.name for p in directory.glob("*.safetensors"))
+    stored: dict[str, StoredTensor] = {}
+    for name in files:
+        for tensor_name, tensor in read_header(directory / name).items():
+            if tensor_name in stored:
+                raise CheckpointError(f"tensor {tensor_name} is stored twice: in {stored[tensor_name].file.name} and {name}")
+            stored[tensor_name] = tensor
+    if weight_map is not None:
+        for tensor_name, file_name in weight_map.items():
+            if tensor_name not in stored or stored[tensor_name].file.name != file_name:
+                raise CheckpointError(f"{index} puts tensor {tensor_name} in {file_name}, which does not hold it")
+    return stored
+
+
+def _check_tensors(source: Source) -> None:
+    """Reports every missing, extra or mis-shaped tensor at once, then scans the scales for NaN."""
+    expected = {t.name: t for t in source.expected()}
+    problems = [f"missing tensor {name}" for name in expected if name not in source.stored]
+    problems += [f"unexpected tensor {name} in {t.file.name}" for name, t in source.stored.items() if name not in expected]
+    for name, want in expected.items():
+        have = source.stored.get(name)
+        if have is not None and (have.shape != want.shape or have.dtype != want.dtype):
+            problems.append(
+                f"tensor {name} in {have.file.name} is {have.dtype}{list(have.shape)}, "
+                f"the config implies {want.dtype}{list(want.shape)}"
+            )
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError(f"{source.directory} does not match its config.json:\n  " + "\n  ".join(shown))
+    for name, tensor in source.stored.items():
+        if name.endswith("scales") and _contains(tensor, NAN_SCALE):
+            raise CheckpointError(f"tensor {name} in {tensor.file.name} holds scale byte 255 (NaN in E8M0)")
+
+
+def _contains(tensor: StoredTensor, byte: int, chunk: int = 64 * 2**20) -> bool:
+    flat = tensor.read().reshape(-1)
+    return any(np.any(flat[i : i + chunk] == byte) for i in range(0, flat.size, chunk))

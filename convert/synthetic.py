@@ -1,0 +1,153 @@
+"""`python -m convert.synthetic DST --preset NAME`: a checkpoint of random weights in a published layout.
+
+For tests and benchmarks, since real weights cannot be downloaded here: the preset's exact tensor
+names, shapes and dtypes, sane values (MXFP4 scales near 2^-6, norms near 1, non-zero sinks and
+biases), written tensor by tensor in chunks so even gpt-oss-120b stays within a small memory bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tqdm
+
+from convert import safetensors_io
+from convert.sources import INDEX, dense_expert_tensor
+from gptoss_jax import layouts, mxfp4
+from gptoss_jax.config import GptOssConfig
+
+SHARD_BYTES = 4_800_000_000  # the HF converter's shard cap
+_CHUNK_ELEMENTS = 32 * 2**20
+
+
+def _values(tensor: layouts.Tensor, seed: int) -> Iterator[np.ndarray]:
+    """Random contents of one tensor in chunks of rows.
+
+    Each parameter piece (target) draws from its own seeded stream, so both layouts, and packed or
+    dense experts, hold the same weights for the same seed.
+    """
+    for target in tensor.targets:
+        rows, row_shape = target.stop - target.start, tensor.shape[1:]
+        per_expert = target.path[-1].startswith(("mlp1", "mlp2"))
+        step = 1 if per_expert else max(1, _CHUNK_ELEMENTS // max(int(np.prod(row_shape)), 1))
+        for chunk, start in enumerate(range(0, rows, step)):
+            shape = (min(step, rows - start), *row_shape)
+            yield _random(target, shape, tensor.dtype, lambda path: _rng(seed, path, target.layer, chunk))
+
+
+def _rng(seed: int, path: tuple[str, ...], layer: int | None, chunk: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(".".join(path).encode()), 0 if layer is None else layer + 1, chunk])
+
+
+def _random(target: layouts.Target, shape: tuple[int, ...], dtype: str, rng_for) -> np.ndarray:
+    name = target.path[-1]
+    rng = rng_for(target.path)
+    if name.endswith("_blocks") and dtype == "BF16":  # dense experts: the packed weights, decoded
+        scales_path = (*target.path[:-1], name.replace("_blocks", "_scales"))
+        E, inp, out = shape
+        blocks = rng.integers(0, 256, (E, out, inp // 32, 16), dtype=np.uint8)
+        scales = _random(dataclasses.replace(target, path=scales_path), (E, out, inp // 32), "U8", rng_for)
+        return np.swapaxes(np.asarray(mxfp4.dequantize(blocks, scales, np.float32)), 1, 2)
+    if name.endswith("_blocks"):
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    if name.endswith("_scales"):
+        return rng.integers(117, 121, shape, dtype=np.uint8)
+    if name == "scale":  # norms
+        return rng.uniform(0.5, 1.5, shape)
+    if name == "sinks" or name == "embedding":
+        return rng.normal(0.0, 1.0, shape)
+    if name.endswith("bias"):
+        return rng.normal(0.0, 0.1, shape)
+    return rng.normal(0.0, 1.0, shape) * shape[-1] ** -0.5
+
+
+def write_checkpoint(
+    dst: Path, config: GptOssConfig, *, layout: str = "hf", seed: int = 0, dense_experts: bool = False,
+    progress: bool | None = None,
+) -> int:
+    """Writes config.json and the safetensors files of `layout` into `dst`; returns tensor bytes written."""
+    tensors = layouts.checkpoint_tensors(config, layout)
+    if dense_experts:
+        tensors = [dense_expert_tensor(config, t) for t in tensors if not t.name.endswith("_scales")]
+    dst.mkdir(parents=True, exist_ok=True)
+    hf_config = config.to_hf_dict()
+    if layout == "hf" and not dense_experts:
+        hf_config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(hf_config if layout == "hf" else config.to_original_dict(), indent=2))
+    shards = _shards(tensors)
+    names = _shard_names(layout, len(shards))
+    total = sum(int(np.prod(t.shape)) * safetensors_io.DTYPES[t.dtype].itemsize for t in tensors)
+    written = 0
+    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None if progress is None else not progress) as bar:
+        def chunks(planned):
+            for chunk in _values(by_name[planned.name], seed):
+                bar.update(chunk.size * safetensors_io.DTYPES[planned.dtype].itemsize)
+                yield chunk
+
+        by_name = {t.name: t for t in tensors}
+        for name, shard in zip(names, shards):
+            plan = [safetensors_io.PlannedTensor(t.name, t.dtype, t.shape) for t in shard]
+            written += safetensors_io.write(dst / name, plan, chunks)
+    if layout == "hf":
+        weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+        (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map}, indent=2))
+    else:
+        dtypes = {t.name: {"blocks": "FP4", "scales": "UE8"}.get(t.name.rsplit(".", 1)[-1], "BF16") for t in tensors}
+        (dst / "dtypes.json").write_text(json.dumps(dtypes, indent=2))
+    return written
+
+
+def _shards(tensors: list[layouts.Tensor]) -> list[list[layouts.Tensor]]:
+    shards, size = [[]], 0
+    for tensor in tensors:
+        nbytes = int(np.prod(tensor.shape)) * safetensors_io.DTYPES[tensor.dtype].itemsize
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    return shards
+
+
+def _shard_names(layout: str, count: int) -> list[str]:
+    """The published names: HF numbers from 0 and writes the last index; original uses a double dash."""
+    if layout == "hf":
+        return [f"model-{i:05d}-of-{count - 1:05d}.safetensors" for i in range(count)]
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model--{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dst", type=Path, help="folder to write (created)")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "gpt-oss-20b", "gpt-oss-120b"])
+    parser.add_argument("--layers", type=int, help="cut the depth to N layers")
+    parser.add_argument("--layout", default="hf", choices=list(layouts.LAYOUTS), help="published layout to write")
+    parser.add_argument("--dense-experts", action="store_true", help="HF layout with bf16 experts, as fine-tunes ship")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = GptOssConfig.from_preset(args.preset)
+    try:
+        if args.layers is not None:
+            config = dataclasses.replace(config, num_hidden_layers=args.layers)
+        if args.dense_experts and args.layout != "hf":
+            raise ValueError("--dense-experts exists only in the hf layout")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    written = write_checkpoint(args.dst, config, layout=args.layout, seed=args.seed, dense_experts=args.dense_experts)
+    print(f"wrote {written / 1e9:.2f} GB of random {args.preset} weights ({config.num_hidden_layers} layers, {args.layout} layout) to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
