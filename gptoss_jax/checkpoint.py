@@ -102,7 +102,7 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
         leaf = jax.ShapeDtypeStruct(leaf_shape, stored_dtype, sharding=device)
         abstract = _nest((param_path, layer, leaf) for layer in layers)
         with context:
-            restored = ocp.load_pytree(path / PARAMS, abstract)
+            restored = ocp.load(path / PARAMS, abstract)
         pieces = [_stored_leaf(restored, param_path, layer) for layer in layers]
         value = jnp.stack(pieces) if layers[0] is not None else pieces[0]
         variable.set_value(value.astype(target_dtype))

@@ -1,0 +1,206 @@
+"""The converter: byte-exact, layout-independent, loads into transformers too, and all-or-nothing."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from conftest import CONFIGS, forward
+
+import oracle
+import gptoss_jax
+from convert.__main__ import main as convert_main
+from convert.safetensors_io import read_header
+from convert.synthetic import write_checkpoint
+from gptoss_jax import layouts
+
+CONFIG = CONFIGS["odd"]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> dict[str, Path]:
+    """The same random weights in both published layouts, and as a dense-expert fine-tune."""
+    root = tmp_path_factory.mktemp("published")
+    write_checkpoint(root / "hf", CONFIG, layout="hf", seed=7)
+    write_checkpoint(root / "original", CONFIG, layout="original", seed=7)
+    write_checkpoint(root / "dense", CONFIG, layout="hf", seed=7, dense_experts=True)
+    return {name: root / name for name in ("hf", "original", "dense")}
+
+
+@pytest.fixture(scope="module")
+def converted(published, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converted")
+    for name in ("hf", "original"):
+        assert convert_main([str(published[name]), str(root / name)]) == 0
+    assert convert_main([str(published["dense"]), str(root / "dense"), "--quantize", "mxfp4"]) == 0
+    return {name: root / name for name in ("hf", "original", "dense")}
+
+
+def _leaves(model) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(gptoss_jax.model.nnx.state(model))]
+
+
+def test_both_layouts_convert_to_identical_arrays(converted):
+    hf, original = gptoss_jax.load(converted["hf"]), gptoss_jax.load(converted["original"])
+    for a, b in zip(_leaves(hf), _leaves(original), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_every_tensor_is_byte_identical_to_the_source(published, converted, layout):
+    source = {}
+    for file in published[layout].glob("*.safetensors"):
+        source.update(read_header(file))
+    params = oracle.flat_params(gptoss_jax.load(converted[layout]))
+    exported = dict(layouts.export(params, layouts.checkpoint_tensors(CONFIG, layout)))
+    assert exported.keys() == source.keys()
+    for name, stored in source.items():
+        assert hashlib.sha256(np.ascontiguousarray(exported[name]).tobytes()).hexdigest() == hashlib.sha256(
+            stored.read().tobytes()
+        ).hexdigest(), name
+
+
+def test_dense_experts_pack_back_to_the_same_values(converted):
+    """The dense fine-tune holds decoded MXFP4 values, so packing them again gives the same weights."""
+    packed, repacked = gptoss_jax.load(converted["hf"], dtype="float32"), gptoss_jax.load(converted["dense"], dtype="float32")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, 20)))
+    np.testing.assert_array_equal(np.asarray(forward(packed, tokens)), np.asarray(forward(repacked, tokens)))
+
+
+def test_transformers_reads_the_same_checkpoint_and_agrees(published, converted):
+    """Closing the loop: transformers decodes the packed HF files itself; logits match ours (1e-4, float32,
+    the core parity bound)."""
+    dequantize = transformers.Mxfp4Config(dequantize=True)  # their own MXFP4 decode, on the CPU
+    theirs = transformers.GptOssForCausalLM.from_pretrained(
+        published["hf"], dtype="float32", quantization_config=dequantize
+    ).eval()
+    ours = gptoss_jax.load(converted["hf"], dtype="float32")
+    tokens = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (2, 30))
+    np.testing.assert_allclose(
+        np.asarray(forward(ours, jnp.asarray(tokens))), oracle.hf_logits(theirs, tokens), atol=1e-4, rtol=0
+    )
+
+
+def _corrupt(directory: Path, how: str) -> str:
+    """Damages a copy of a published checkpoint; returns a fragment the error message must contain."""
+    shard = next(directory.glob("model-*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    match how:
+        case "truncated":
+            with open(shard, "r+b") as handle:
+                handle.truncate(shard.stat().st_size - 100)
+            return "truncated"
+        case "corrupt header":
+            with open(shard, "r+b") as handle:
+                handle.seek(8)
+                handle.write(b"#garbage#")
+            return "corrupt safetensors header"
+        case "missing shard":
+            data = json.loads(index.read_text())
+            data["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
+            index.write_text(json.dumps(data))
+            return "names shard model-00009-of-00009.safetensors, which is missing"
+        case "config contradicts tensors":
+            config = json.loads((directory / "config.json").read_text())
+            config["num_local_experts"] += 1
+            (directory / "config.json").write_text(json.dumps(config))
+            return "model.layers.0.mlp.router.weight"
+        case "unknown layout":
+            (directory / "config.json").unlink()
+            return "unknown layout"
+    raise AssertionError(how)
+
+
+def _rewrite(directory: Path, edit) -> None:
+    """Rewrites the single shard with `edit(tensors)` applied (a dict name -> array)."""
+    from convert.safetensors_io import PlannedTensor, write
+
+    shard = next(directory.glob("model-*.safetensors"))
+    tensors = {name: np.array(t.read()) for name, t in read_header(shard).items()}
+    edit(tensors)
+    dtypes = {np.dtype(np.uint8): "U8", np.dtype(np.float32): "F32"}
+    plan = [PlannedTensor(name, dtypes.get(a.dtype, "BF16"), a.shape) for name, a in tensors.items()]
+    write(shard, plan, lambda t: iter([tensors[t.name]]))
+    index = directory / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {name: shard.name for name in tensors}
+    index.write_text(json.dumps(data))
+
+
+def _edit_case(how: str):
+    blocks = "model.layers.1.mlp.experts.gate_up_proj_blocks"
+    match how:
+        case "missing tensor":
+            return lambda t: t.pop("model.layers.2.self_attn.sinks"), "missing tensor model.layers.2.self_attn.sinks"
+        case "extra tensor":
+            return lambda t: t.update(extra=np.zeros(3, np.uint8)), "unexpected tensor extra"
+        case "wrong shape":
+            return lambda t: t.update({blocks: t[blocks][:, :-1]}), f"tensor {blocks} in"
+        case "wrong dtype":
+            name = "model.layers.0.self_attn.q_proj.bias"
+            return lambda t: t.update({name: np.asarray(t[name], np.float32)}), f"tensor {name} in"
+        case "nan scale":
+            name = "model.layers.2.mlp.experts.down_proj_scales"
+            return lambda t: t[name].reshape(-1).__setitem__(5, 255), f"{name} in"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["truncated", "corrupt header", "missing shard", "config contradicts tensors", "unknown layout",
+     "missing tensor", "extra tensor", "wrong shape", "wrong dtype", "nan scale"],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(published, tmp_path, capsys, how):
+    src = tmp_path / "src"
+    subprocess.run(["cp", "-r", str(published["hf"]), str(src)], check=True)
+    if how in ("missing tensor", "extra tensor", "wrong shape", "wrong dtype", "nan scale"):
+        edit, fragment = _edit_case(how)
+        _rewrite(src, edit)
+    else:
+        fragment = _corrupt(src, how)
+    dst = tmp_path / "dst"
+    assert convert_main([str(src), str(dst)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and fragment in message, message
+    assert not dst.exists() and not list(tmp_path.glob(".dst*"))
+
+
+def test_existing_destination_needs_overwrite(published, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep").write_text("mine")
+    assert convert_main([str(published["hf"]), str(dst)]) == 2
+    assert "already exists" in capsys.readouterr().err and (dst / "keep").exists()
+    assert convert_main([str(published["hf"]), str(dst), "--overwrite"]) == 0
+    assert not (dst / "keep").exists() and (dst / "gptoss_jax.json").exists()
+
+
+def test_killed_conversion_leaves_nothing_and_reruns(published, tmp_path):
+    dst = tmp_path / "dst"
+    command = [sys.executable, "-m", "convert", str(published["original"]), str(dst)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / ".dst.incomplete"
+    deadline = time.monotonic() + 120
+    while not (staging / "params.partial_save").exists() and not (staging / "params").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "conversion ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not dst.exists()
+    assert convert_main([str(published["original"]), str(dst)]) == 0
+    assert (dst / "gptoss_jax.json").exists() and not staging.exists()
+
+
+def test_load_rejects_a_folder_that_is_not_a_converted_checkpoint(published):
+    with pytest.raises(ValueError, match="not a converted gptoss-jax checkpoint"):
+        gptoss_jax.load(published["hf"])
