@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gptoss_jax import moe
@@ -30,10 +31,19 @@ class Packed(nnx.Variable):
     """MXFP4 bytes: stored, sharded and checkpointed like parameters, never differentiated."""
 
 
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    """N(0, std^2) initial values. Built eagerly they are drawn with numpy (seeded from the nnx key):
+    an eager `jax.random` call compiles once per shape, which made building even the tiny preset take 20 s."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return (std * jax.random.normal(key, shape)).astype(dtype)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    return jnp.asarray((std * rng.standard_normal(shape, np.float32)).astype(dtype))
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, std: float) -> nnx.Param:
     """A random normal parameter with its logical axis names (mapped to a mesh by `sharding.py`)."""
-    value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return nnx.Param(_normal(rngs, shape, std, dtype), out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
@@ -185,13 +195,14 @@ class MoE(nnx.Module):
 
 
 def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> tuple[Packed, Packed]:
-    """Random MXFP4 weights `[E, out, in]` with scales near 2^-6, so values are ~N(0, 1/in)-sized."""
+    """Random MXFP4 weights `[E, out, in]`: uniform codes, scales 2^-10..2^-7 (values ~N(0, 1/in)-sized)."""
     E, R, C = shape
-    blocks = jax.random.randint(rngs.params(), (E, R, C // BLOCK, BLOCK // 2), 0, 256, jnp.int32)
-    scales = jax.random.randint(rngs.params(), (E, R, C // BLOCK), 117, 121, jnp.int32)
+    codes = _normal(rngs, (E, R, C // BLOCK, BLOCK // 2), 1.0, jnp.float32)  # any spread of bytes will do
+    blocks = (jax.nn.sigmoid(codes) * 255.99).astype(jnp.uint8)
+    scales = (117 + jax.nn.sigmoid(_normal(rngs, (E, R, C // BLOCK), 1.0, jnp.float32)) * 3.99).astype(jnp.uint8)
     return (
-        Packed(blocks.astype(jnp.uint8), out_sharding=(*axes, None), eager_sharding=False),
-        Packed(scales.astype(jnp.uint8), out_sharding=axes, eager_sharding=False),
+        Packed(blocks, out_sharding=(*axes, None), eager_sharding=False),
+        Packed(scales, out_sharding=axes, eager_sharding=False),
     )
 
 
@@ -207,15 +218,16 @@ class Block(nnx.Module):
         return self.mlp(x_BTH), cache
 
 
-def _stacked_blocks(config: GptOssConfig, count: int, *, sliding: bool, dtype, moe_impl: str, rngs: nnx.Rngs):
-    """`count` Blocks with their parameters stacked on a leading `layers` axis, for `lax.scan`."""
+def _stacked_blocks(config: GptOssConfig, count: int, **block_args) -> Block:
+    """`count` Blocks whose parameters are stacked on a leading `layers` axis, for `lax.scan`."""
+    blocks = [nnx.split(Block(config, **block_args)) for _ in range(count)]
 
-    @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def create(layer_rngs: nnx.Rngs) -> Block:
-        return Block(config, sliding=sliding, dtype=dtype, moe_impl=moe_impl, rngs=layer_rngs)
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        stacked = jnp.stack([v.get_value() for v in variables])
+        return variables[0].replace(stacked, out_sharding=("layers", *variables[0].out_sharding))
 
-    return create(rngs)
+    state = jax.tree.map(stack, *[s for _, s in blocks], is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(blocks[0][0], state)
 
 
 class GptOss(nnx.Module):

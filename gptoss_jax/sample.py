@@ -1,60 +1,141 @@
-"""`python -m gptoss_jax.sample`: greedy tokens from a gpt-oss model.
+"""`python -m gptoss_jax.sample`: chat with (or complete text from) gpt-oss in the terminal.
 
-Kept short on purpose: argument parsing and printing only; the work is in `gptoss_jax.sampling`.
+Kept short on purpose: argument parsing and printing only; the work is in `sampling` and `harmony`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import GptOss, GptOssConfig, sampling
+from gptoss_jax import checkpoint, harmony
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model import GptOss
+from gptoss_jax.sampling import Greedy, Random, Sampler
+from gptoss_jax.tokenizer import ENDOFTEXT, get_encoding
 
-DEFAULT_PROMPT = "200006,17360,200008,12194,200007"  # token ids: <|start|>system<|message|>Hello<|end|>
+DEFAULT_PROMPT = "What is the capital of France?"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog="python -m gptoss_jax.sample",
-        description="Run gpt-oss on a prompt of token ids and print the greedy continuation. "
-        "Without weights it builds the chosen preset with random weights (a smoke test: the output is meaningless).",
+        description="Generate with gpt-oss. Without --checkpoint it runs the tiny preset with random weights "
+        "(a smoke test: the text is meaningless). Convert real weights with `python -m convert SRC DST` first.",
     )
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "gpt-oss-20b", "gpt-oss-120b"],
-                        help="model shape to build with random weights (default: tiny)")
-    parser.add_argument("--prompt-ids", default=DEFAULT_PROMPT, help="comma-separated prompt token ids")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter/activation dtype")
-    return parser.parse_args(argv)
+    p.add_argument("--checkpoint", help="a converted checkpoint directory (from python -m convert)")
+    p.add_argument("--prompt", help="the user message (default: stdin if piped, else a sample question)")
+    p.add_argument("--system", help="model identity line of the system message")
+    p.add_argument("--developer", help="developer instructions")
+    p.add_argument("--reasoning", choices=["low", "medium", "high"], default="medium", help="reasoning effort")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default 1.0, as OpenAI recommends)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel apart from the answer")
+    p.add_argument("--raw", action="store_true", help="plain text completion of --prompt, without harmony")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (one message per line)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, messages and speeds")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    return p.parse_args(argv)
+
+
+def _model(args: argparse.Namespace) -> GptOss:
+    if args.checkpoint:
+        return checkpoint.load(args.checkpoint, dtype=args.dtype)
+    print("notice: tiny preset with RANDOM weights, so the text is meaningless; "
+          "pass --checkpoint DIR (from `python -m convert`) for a real model.", file=sys.stderr)
+    return GptOss(GptOssConfig.tiny(), rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(args.dtype))
+
+
+def _printer(args: argparse.Namespace):
+    channel_shown = [None]
+
+    def on_text(channel: str | None, text: str) -> None:
+        if channel == "analysis" and not args.show_reasoning:
+            return
+        if args.show_reasoning and channel != channel_shown[0] and channel is not None:
+            print(f"\n[{channel}] ", end="")
+            channel_shown[0] = channel
+        print(text, end="", flush=True)
+
+    return None if args.json else on_text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     try:
-        prompt = [int(token) for token in args.prompt_ids.split(",")]
-    except ValueError:
-        print(f"error: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}", file=sys.stderr)
-        return 2
-    config = GptOssConfig.from_preset(args.preset)
-    if not all(0 <= token < config.vocab_size for token in prompt):
-        print(f"error: prompt token ids must lie in [0, {config.vocab_size})", file=sys.stderr)
-        return 2
-    print(f"notice: {args.preset} with RANDOM weights (seed {args.seed}): the tokens below are meaningless.")
-    model = GptOss(config, rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(args.dtype))
-    start = time.perf_counter()
-    try:
-        tokens = sampling.greedy(model, [prompt], args.max_new_tokens)[0]
-    except ValueError as error:
+        strategy = Greedy() if args.temperature == 0 else Random(args.temperature, args.top_k, args.top_p)
+        sampler = Sampler(_model(args))
+        settings = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, seed=args.seed)
+        completion, generation = (_raw if args.raw else _harmony)(args, sampler, settings)
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print("prompt ids:   ", prompt)
-    print("greedy tokens:", tokens.tolist())
-    print(f"{len(tokens)} tokens in {time.perf_counter() - start:.1f} s (compile included)")
+    if generation is None:
+        return 0
+    if args.json:
+        print(json.dumps({
+            "tokens": generation.tokens[0], "text": completion.text,
+            "messages": [m.to_dict() for m in completion.messages], "parse_error": completion.parse_error,
+            "prompt_tokens": generation.prompt_tokens, "prefill_tokens_per_s": generation.prefill_tokens_per_s,
+            "decode_tokens_per_s": generation.decode_tokens_per_s,
+        }))
+    else:
+        print(f"\n[{generation.prompt_tokens} prompt tokens at {generation.prefill_tokens_per_s:.1f} tok/s, decode "
+              f"{generation.decode_tokens_per_s:.1f} tok/s; {time.perf_counter() - started:.1f} s in all]", file=sys.stderr)
     return 0
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    return DEFAULT_PROMPT if sys.stdin.isatty() else sys.stdin.read()
+
+
+def _raw(args, sampler, settings):
+    """Plain-text completion, stopping at <|endoftext|>."""
+    encoding = get_encoding()
+    echo = None if args.json else (lambda _row, token: print(encoding.decode([token]), end="", flush=True))
+    prompt = encoding.encode(_prompt(args), disallowed_special=())
+    generation = sampler.generate([prompt], on_token=echo, stop_tokens=(ENDOFTEXT,), **settings)
+    return harmony.Completion([], encoding.decode(generation.tokens[0])), generation
+
+
+def _harmony(args, sampler, settings):
+    """One harmony turn, or a whole --chat session; returns the last turn."""
+    chat = harmony.Chat(reasoning=args.reasoning, instructions=args.developer, identity=args.system)
+    completion = generation = None
+    for turn, message in enumerate(_messages(args)):
+        chat.add_user(message)
+        completion, generation = harmony.reply(chat, sampler, on_text=_printer(args), **{**settings, "seed": args.seed + turn})
+        if not args.json and completion.parse_error:
+            print(f"[not valid harmony ({completion.parse_error}); raw output:]\n{completion.text}")
+        elif not args.json:
+            print()
+    return completion, generation
+
+
+def _messages(args: argparse.Namespace):
+    """The user's messages: the one prompt, or lines typed at the chat prompt until EOF or 'exit'."""
+    if not args.chat:
+        yield _prompt(args)
+        return
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return
+        if line in ("exit", "quit"):
+            return
+        yield line
 
 
 if __name__ == "__main__":

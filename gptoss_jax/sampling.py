@@ -1,6 +1,14 @@
-"""Token generation from a `GptOss`: a jitted prefill and a jitted one-token decode step."""
+"""Generation from a `GptOss`: strategies, and a `Sampler` with a jitted prefill and decode step.
+
+Prompts are padded to a multiple of `bucket` tokens and the cache to a multiple of `bucket` slots,
+so a chat whose prompt grows turn by turn recompiles only when it crosses a bucket.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -9,36 +17,147 @@ from flax import nnx
 
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
+from gptoss_jax.tokenizer import CALL, RETURN
 
 
-@nnx.jit
-def _prefill(model: GptOss, tokens_BT: jax.Array, cache: KVCache, lengths_B: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Caches the prompts and returns the logits [B, V] at each row's last real token."""
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """The most likely token."""
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Random:
+    """Sampling at `temperature`, restricted to the `top_k` most likely tokens (0 = all), the smallest set
+    with probability >= `top_p`, and tokens at least `min_p` times as likely as the best."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling settings {self}: need temperature > 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0")
+
+    def __call__(self, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+        logits = logits_BV.astype(jnp.float32) / self.temperature
+        if self.top_k:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if self.min_p:
+            logits = jnp.where(probs < self.min_p * probs.max(-1, keepdims=True), -jnp.inf, logits)
+        if self.top_p < 1:
+            order = jnp.argsort(-probs, axis=-1)
+            sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+            outside = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs >= self.top_p  # the best token always stays
+            logits = jnp.where(jnp.put_along_axis(outside, order, outside, axis=-1, inplace=False), -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+Strategy = Greedy | Random
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `Sampler.generate` returns. Times are wall clock; the first call of a shape includes compilation."""
+
+    tokens: list[list[int]]  # generated ids per prompt, the stop token included when one was hit
+    stopped: list[bool]  # True where a stop token ended the row, False where max_new_tokens did
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float  # decode steps after the first (the first one may compile)
+    decode_steps: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second per row in steady state."""
+        return self.decode_steps / self.decode_seconds if self.decode_steps else float("nan")
+
+
+@nnx.jit(static_argnums=(5,))
+def _prefill(model: GptOss, tokens_BT, cache: KVCache, lengths_B, key, strategy: Strategy):
     logits_BTV, cache = model.step(tokens_BT, cache, lengths_B)
-    return jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0], cache
+    last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return strategy(last_BV, key), cache
 
 
-@nnx.jit
-def _decode(model: GptOss, tokens_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+@nnx.jit(static_argnums=(4,))
+def _decode(model: GptOss, tokens_B, cache: KVCache, key, strategy: Strategy):
     logits_BTV, cache = model.step(tokens_B[:, None], cache)
-    return logits_BTV[:, 0], cache
+    return strategy(logits_BTV[:, 0], key), cache
 
 
-def greedy(model: GptOss, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
-    """The `max_new_tokens` most likely continuations of each prompt (prompts may differ in length)."""
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if lengths.min() < 1 or max_new_tokens < 1:
-        raise ValueError("every prompt needs at least one token, and max_new_tokens must be at least 1")
-    max_len = int(lengths.max()) + max_new_tokens
-    if max_len > model.config.max_context:
-        raise ValueError(f"prompt + new tokens = {max_len} exceeds the model's context of {model.config.max_context}")
-    padded = np.zeros((len(prompts), lengths.max()), np.int32)
-    for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = prompt
-    cache = model.init_cache(len(prompts), max_len)
-    logits, cache = _prefill(model, jnp.asarray(padded), cache, jnp.asarray(lengths))
-    generated = [jnp.argmax(logits, axis=-1).astype(jnp.int32)]
-    for _ in range(max_new_tokens - 1):
-        logits, cache = _decode(model, generated[-1], cache)
-        generated.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    return np.asarray(jnp.stack(generated, axis=1))
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Sampler:
+    """Generates continuations of token-id prompts (of different lengths) from a model."""
+
+    def __init__(self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64):
+        self.model, self.stop_tokens, self.bucket = model, tuple(stop_tokens), bucket
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        strategy: Strategy = Greedy(),
+        seed: int = 0,
+        stop_tokens: Sequence[int] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Runs each prompt until a stop token or `max_new_tokens`; `on_token(row, token)` streams tokens."""
+        stops = set(self.stop_tokens if stop_tokens is None else stop_tokens)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        context = self.model.config.max_context
+        if len(prompts) == 0 or lengths.min() < 1 or max_new_tokens < 1:
+            raise ValueError("need at least one non-empty prompt and max_new_tokens >= 1")
+        if lengths.max() + max_new_tokens > context:
+            raise ValueError(f"a prompt of {lengths.max()} tokens plus {max_new_tokens} new ones exceeds the context of {context}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        padded = np.zeros((len(prompts), _round_up(int(lengths.max()), self.bucket)), np.int32)
+        for row, prompt in enumerate(prompts):
+            padded[row, : len(prompt)] = prompt
+        cache = self.model.init_cache(len(prompts), min(_round_up(padded.shape[1] + max_new_tokens, self.bucket), context))
+        keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+
+        start = time.perf_counter()
+        tokens, cache = _prefill(self.model, jnp.asarray(padded), cache, jnp.asarray(lengths), keys[0], strategy)
+        tokens = np.asarray(tokens)
+        prefill_seconds = time.perf_counter() - start
+        generated, stopped = [[] for _ in prompts], [False] * len(prompts)
+        steady_start, step = None, 0
+        while True:
+            for row, token in enumerate(tokens.tolist()):
+                if not stopped[row]:
+                    generated[row].append(token)
+                    stopped[row] = token in stops
+                    if on_token is not None:
+                        on_token(row, token)
+            step += 1
+            if all(stopped) or step == max_new_tokens:
+                break
+            if step == 2:
+                steady_start = time.perf_counter()  # after the first decode step, which may compile
+            tokens, cache = _decode(self.model, jnp.asarray(tokens), cache, keys[step], strategy)
+            tokens = np.asarray(tokens)
+        steady = max(step - 2, 0)
+        return Generation(
+            tokens=generated,
+            stopped=stopped,
+            prompt_tokens=int(lengths.sum()),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=time.perf_counter() - steady_start if steady_start is not None else 0.0,
+            decode_steps=steady,
+        )
