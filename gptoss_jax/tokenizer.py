@@ -120,8 +120,8 @@ def vocab_folder(explicit: str | None = None) -> Path:
             tried.append(f"{source} ({type(error).__name__})")
             continue
         folder = Path(source).parent if is_explicit and Path(source).name == VOCAB_FILE else _cache_folder()
-        if not (folder / VOCAB_FILE).is_file():
-            _atomic_write(folder / VOCAB_FILE, data)
+        if Path(source) != folder / VOCAB_FILE:
+            _atomic_write(folder / VOCAB_FILE, data)  # replaces a corrupt copy, if one is there
         return folder
     raise VocabError(
         "no o200k_base vocabulary found; tried:\n  " + "\n  ".join(tried) + "\nInstall the `bpe-openai` wheel "
