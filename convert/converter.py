@@ -18,10 +18,10 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from convert.safetensors_io import CheckpointError
+from convert.safetensors_io import CheckpointError, StoredTensor
 from convert.sources import Source, open_source
 from gptoss_jax import layouts, mxfp4
-from gptoss_jax.checkpoint import STACKS, PartialWriter
+from gptoss_jax.checkpoint import STACKS, PartialWriter, row_chunks
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 
@@ -62,9 +62,10 @@ def convert(
         disable = None if progress is None else not progress
         with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=disable) as bar:
             for done, tensor in enumerate(expected, 1):
-                value = source.stored[tensor.name].read()
-                writer.write(_pieces(tensor, value, leaf_shapes, dense=source.dense_experts))
-                bar.update(value.nbytes)
+                stored = source.stored[tensor.name]
+                for target, rows in _chunks(tensor, stored, leaf_shapes, dense=source.dense_experts):
+                    writer.add(*target)
+                    bar.update(rows)
                 bar.set_postfix_str(f"{done}/{len(expected)} tensors")
         writer.finish(source.config, {"source": str(src.resolve()), "source_layout": source.layout})
         _replace(staging, dst)
@@ -85,18 +86,29 @@ def _leaf_shapes(config: GptOssConfig) -> dict[layouts.ParamPath, tuple[int, ...
     return shapes
 
 
-def _pieces(tensor: layouts.Tensor, value: np.ndarray, leaf_shapes, *, dense: bool):
-    """(param path, layer, array) pieces of one checkpoint tensor, as views of its bytes where possible."""
-    if dense and tensor.targets[0].path[-1].endswith("_blocks"):
-        (target,) = tensor.targets
-        # One expert at a time ([in, out] -> [out, in]), so float32 copies stay small.
-        packed = [mxfp4.quantize(np.asarray(expert, np.float32).T) for expert in value]
-        blocks, scales = np.stack([b for b, _ in packed]), np.stack([s for _, s in packed])
-        scales_path = (*target.path[:-1], target.path[-1].replace("_blocks", "_scales"))
-        return [(target.path, target.layer, blocks), (scales_path, target.layer, scales)]
-    pieces = []
-    layouts.place(tensor, value, lambda t, rows: pieces.append((t.path, t.layer, rows.reshape(leaf_shapes[t.path]))))
-    return pieces
+def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, dense: bool):
+    """((param path, layer, chunk index, rows), source bytes read) for each piece of one checkpoint tensor.
+
+    Rows are read from the file chunk by chunk and only reshaped, so their bytes are the source's.
+    """
+    row_bytes = stored.nbytes // stored.shape[0]
+    for target in tensor.targets:
+        leaf_shape = leaf_shapes[target.path]
+        per_leaf_row = (target.stop - target.start) // leaf_shape[0]  # checkpoint rows per parameter row
+        for chunk, (start, stop) in enumerate(row_chunks(leaf_shape[0], per_leaf_row * row_bytes)):
+            rows = stored.read(target.start + start * per_leaf_row, target.start + stop * per_leaf_row)
+            if dense and target.path[-1].endswith("_blocks"):
+                yield from _packed_experts(target, chunk, rows)
+            else:
+                yield (target.path, target.layer, chunk, rows.reshape(stop - start, *leaf_shape[1:])), rows.nbytes
+
+
+def _packed_experts(target: layouts.Target, chunk: int, experts: np.ndarray):
+    """Dense bf16 experts `[e, in, out]` packed to MXFP4 blocks and scales `[e, out, ...]`, one expert at a time."""
+    packed = [mxfp4.quantize(np.asarray(expert, np.float32).T) for expert in experts]
+    scales_path = (*target.path[:-1], target.path[-1].replace("_blocks", "_scales"))
+    yield (target.path, target.layer, chunk, np.stack([b for b, _ in packed])), experts.nbytes
+    yield (scales_path, target.layer, chunk, np.stack([s for _, s in packed])), 0
 
 
 def _replace(staging: Path, dst: Path) -> None:

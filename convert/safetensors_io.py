@@ -35,11 +35,20 @@ class StoredTensor:
     offset: int  # absolute byte offset in the file
     nbytes: int
 
-    def read(self) -> np.ndarray:
-        """The tensor as a read-only memory map: its bytes exactly as stored, nothing converted."""
-        if self.nbytes == 0:
-            return np.zeros(self.shape, DTYPES[self.dtype])
-        return np.memmap(self.file, DTYPES[self.dtype], "r", offset=self.offset, shape=self.shape)
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) with their bytes exactly as stored, nothing converted.
+
+        Read into a private buffer rather than memory-mapped: mapped pages stay resident while the
+        map lives, which would make a streamed conversion's memory grow with the file.
+        """
+        stop = self.shape[0] if stop is None else stop
+        row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+        out = np.empty((stop - start, *self.shape[1:]) if self.shape else (), DTYPES[self.dtype])
+        with open(self.file, "rb", buffering=0) as handle:
+            handle.seek(self.offset + start * row_bytes)
+            if handle.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise CheckpointError(f"{self.file}: tensor {self.name}: file ended early")
+        return out
 
 
 def read_header(file: Path) -> dict[str, StoredTensor]:

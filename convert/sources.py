@@ -127,6 +127,6 @@ def _check_tensors(source: Source) -> None:
             raise CheckpointError(f"tensor {name} in {tensor.file.name} holds scale byte 255 (NaN in E8M0)")
 
 
-def _contains(tensor: StoredTensor, byte: int, chunk: int = 64 * 2**20) -> bool:
-    flat = tensor.read().reshape(-1)
-    return any(np.any(flat[i : i + chunk] == byte) for i in range(0, flat.size, chunk))
+def _contains(tensor: StoredTensor, byte: int, chunk_bytes: int = 64 * 2**20) -> bool:
+    step = max(1, chunk_bytes * tensor.shape[0] // max(tensor.nbytes, 1))
+    return any(np.any(tensor.read(i, min(i + step, tensor.shape[0])) == byte) for i in range(0, tensor.shape[0], step))

@@ -3,17 +3,18 @@
 Layout of a converted checkpoint directory:
   config.json       the model config (our field names; `GptOssConfig.from_pretrained` reads it)
   gptoss_jax.json   format marker and provenance (source layout)
-  params/           Orbax checkpoint; stacked parameters are stored one leaf per layer
-                    (`{"sliding_blocks": {"mlp": {"mlp1_blocks": {"0": ..., "1": ...}}}}`)
+  params/           Orbax checkpoint. Each parameter is stored per layer (stacked parameters) and in
+                    row chunks of at most `CHUNK_BYTES`: {"sliding_blocks": {"mlp": {"mlp1_blocks":
+                    {"0": {"0": rows, "1": rows, ...}, "1": ...}}}}; unstacked ones skip the layer key.
 
-Per-layer leaves let the converter stream a checkpoint tensor by tensor (Orbax partial saves) with
-memory bounded by one tensor, and let `load` fill each stacked parameter layer by layer.
+Per-layer, chunked leaves let the converter stream a checkpoint (Orbax partial saves) with memory
+bounded by a chunk, and let `load` fill each stacked parameter layer by layer.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,26 @@ from gptoss_jax.model import GptOss
 FORMAT = "gptoss-jax/1"
 MARKER = "gptoss_jax.json"
 PARAMS = "params"
-ParamPath = tuple[str, ...]
+CHUNK_BYTES = 64 * 2**20
 STACKS = ("sliding_blocks", "full_blocks")  # parameters stacked on a leading layer axis
+ParamPath = tuple[str, ...]
 
 
-def _nest(items: Iterable[tuple[ParamPath, int | None, Any]]) -> dict[str, Any]:
-    """`[(path, layer, value)]` -> the nested dict Orbax stores (a layer index is one more key)."""
+def row_chunks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) ranges of at most CHUNK_BYTES (at least one row each)."""
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
+def _keys(path: ParamPath, layer: int | None, chunk: int | None = None) -> list[str]:
+    keys = [*path] + ([str(layer)] if layer is not None else [])
+    return keys + ([str(chunk)] if chunk is not None else [])
+
+
+def _nest(items: list[tuple[list[str], Any]]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
-    for path, layer, value in items:
-        keys = [*path, str(layer)] if layer is not None else list(path)
+    for keys, value in items:
         node = tree
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -45,17 +57,34 @@ def _nest(items: Iterable[tuple[ParamPath, int | None, Any]]) -> dict[str, Any]:
     return tree
 
 
+def _get(tree: dict[str, Any], keys: list[str]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
 class PartialWriter:
-    """Writes a converted checkpoint into `directory` one batch of parameter pieces at a time."""
+    """Writes a converted checkpoint into `directory`, a batch of chunks per Orbax partial save."""
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self._pending: list[tuple[list[str], np.ndarray]] = []
+        self._pending_bytes = 0
         directory.mkdir(parents=True)
 
-    def write(self, items: Iterable[tuple[ParamPath, int | None, np.ndarray]]) -> None:
-        ocp.partial.save(self.directory / PARAMS, _nest(items))
+    def add(self, path: ParamPath, layer: int | None, chunk: int, rows: np.ndarray) -> None:
+        self._pending.append((_keys(path, layer, chunk), rows))
+        self._pending_bytes += rows.nbytes
+        if self._pending_bytes >= CHUNK_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            ocp.partial.save(self.directory / PARAMS, _nest(self._pending))
+        self._pending, self._pending_bytes = [], 0
 
     def finish(self, config: GptOssConfig, provenance: dict[str, Any]) -> None:
+        self._flush()
         ocp.partial.finalize(self.directory / PARAMS)
         (self.directory / "config.json").write_text(json.dumps(config.to_original_dict(), indent=2) + "\n")
         (self.directory / MARKER).write_text(json.dumps({"format": FORMAT, **provenance}, indent=2) + "\n")
@@ -65,19 +94,24 @@ def save(model: GptOss, directory: str | Path, provenance: dict[str, Any] | None
     """Saves a model in the converted-checkpoint format (the directory must not exist)."""
     writer = PartialWriter(Path(directory))
     for path, variable in nnx.to_flat_state(nnx.state(model)):
-        value = np.asarray(variable[...])
-        path = tuple(str(p) for p in path)
-        if path[0] in STACKS:
-            writer.write((path, layer, value[layer]) for layer in range(value.shape[0]))
-        else:
-            writer.write([(path, None, value)])
+        path, value = tuple(str(p) for p in path), np.asarray(variable.get_value())
+        for layer in range(value.shape[0]) if path[0] in STACKS else [None]:
+            leaf = value if layer is None else value[layer]
+            for chunk, (start, stop) in enumerate(row_chunks(leaf.shape[0], leaf[:1].nbytes)):
+                writer.add(path, layer, chunk, leaf[start:stop])
     writer.finish(model.config, provenance or {"source": "gptoss_jax.save"})
+
+
+@jax.jit(donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer_value: jax.Array, layer: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer_value.astype(stacked.dtype), layer, 0)
 
 
 def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
     """Restores a converted checkpoint into a `GptOss`; `dtype="float32"` gives the float32 parity mode.
 
-    Parameters are filled one at a time, so the peak is the model plus one stacked parameter.
+    Each stacked parameter is filled in place one layer at a time, so the peak is the model plus a
+    layer's piece of one parameter.
     """
     path = Path(path)
     marker = path / MARKER
@@ -88,29 +122,27 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype)))
     stored = ocp.metadata(path / PARAMS).metadata
     context = ocp.Context()
-    context.pytree.loading.partial_load = True  # one parameter's leaves at a time
+    context.pytree.loading.partial_load = True  # one layer of one parameter at a time
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = nnx.to_flat_state(state)
     for param_path, variable in flat:
         param_path = tuple(str(p) for p in param_path)
-        shape, target_dtype = variable.get_value().shape, variable.get_value().dtype
-        layers = range(shape[0]) if param_path[0] in STACKS else [None]
-        leaf_shape = shape[1:] if param_path[0] in STACKS else shape
-        stored_dtype = _stored_leaf(stored, param_path, layers[0]).dtype
-        if tuple(_stored_leaf(stored, param_path, layers[0]).shape) != leaf_shape:
-            raise ValueError(f"{path}: parameter {'.'.join(param_path)} is stored with a shape other than {leaf_shape}")
-        leaf = jax.ShapeDtypeStruct(leaf_shape, stored_dtype, sharding=device)
-        abstract = _nest((param_path, layer, leaf) for layer in layers)
-        with context:
-            restored = ocp.load(path / PARAMS, abstract)
-        pieces = [_stored_leaf(restored, param_path, layer) for layer in layers]
-        value = jnp.stack(pieces) if layers[0] is not None else pieces[0]
-        variable.set_value(value.astype(target_dtype))
+        target = variable.get_value()
+        stacked = param_path[0] in STACKS
+        value = jnp.zeros(target.shape, target.dtype) if stacked else None
+        for layer in range(target.shape[0]) if stacked else [None]:
+            keys = _keys(param_path, layer)
+            try:
+                chunks = _get(stored, keys)
+            except KeyError:
+                raise ValueError(f"{path}: parameter {'/'.join(keys)} is missing") from None
+            abstract = _nest([(keys + [c], jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)) for c, m in chunks.items()])
+            with context:
+                pieces = _get(ocp.load(path / PARAMS, abstract), keys)
+            layer_value = jnp.concatenate([pieces[str(c)] for c in range(len(pieces))])
+            expected = target.shape[1:] if stacked else target.shape
+            if layer_value.shape != expected:
+                raise ValueError(f"{path}: parameter {'/'.join(keys)} has shape {layer_value.shape}, the config implies {expected}")
+            value = _set_layer(value, layer_value, layer) if stacked else layer_value.astype(target.dtype)
+        variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _stored_leaf(tree: dict[str, Any], path: ParamPath, layer: int | None) -> Any:
-    node = tree
-    for key in [*path, str(layer)] if layer is not None else path:
-        node = node[key]
-    return node
