@@ -78,10 +78,6 @@ def _block(config: GptOssConfig, layout: str, n: int) -> Iterator[Tensor]:
             start += rows
         return Tensor(name, shape, dtype, tuple(targets))
 
-    packed = [  # (original name, hf name, our name, out, in)
-        ("mlp1_weight", "gate_up_proj", "mlp1", 2 * I, H),
-        ("mlp2_weight", "down_proj", "mlp2", H, I),
-    ]
     if layout == "original":
         p = f"block.{n}."
         yield tensor(p + "attn.norm.scale", (H,), "BF16", ("attn.norm.scale", H))
@@ -93,26 +89,28 @@ def _block(config: GptOssConfig, layout: str, n: int) -> Iterator[Tensor]:
         yield tensor(p + "mlp.norm.scale", (H,), "BF16", ("mlp.norm.scale", H))
         yield tensor(p + "mlp.gate.weight", (E, H), "BF16", ("mlp.router", E))
         yield tensor(p + "mlp.gate.bias", (E,), "BF16", ("mlp.router_bias", E))
-        for theirs, _, ours, out, inp in packed:
-            yield tensor(f"{p}mlp.{theirs}.blocks", (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
-            yield tensor(f"{p}mlp.{theirs}.scales", (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
-            yield tensor(f"{p}mlp.{ours}_bias", (E, out), "BF16", (f"mlp.{ours}_bias", E))
-        return
-    p = f"model.layers.{n}."
-    yield tensor(p + "input_layernorm.weight", (H,), "BF16", ("attn.norm.scale", H))
-    for proj, rows in (("q", Q), ("k", N), ("v", N)):
-        yield tensor(f"{p}self_attn.{proj}_proj.weight", (rows, H), "BF16", (f"attn.{proj}", rows))
-        yield tensor(f"{p}self_attn.{proj}_proj.bias", (rows,), "BF16", (f"attn.{proj}_bias", rows))
-    yield tensor(p + "self_attn.o_proj.weight", (H, Q), "BF16", ("attn.out", H))
-    yield tensor(p + "self_attn.o_proj.bias", (H,), "BF16", ("attn.out_bias", H))
-    yield tensor(p + "self_attn.sinks", (config.num_attention_heads,), "BF16", ("attn.sinks", config.num_attention_heads))
-    yield tensor(p + "post_attention_layernorm.weight", (H,), "BF16", ("mlp.norm.scale", H))
-    yield tensor(p + "mlp.router.weight", (E, H), "BF16", ("mlp.router", E))
-    yield tensor(p + "mlp.router.bias", (E,), "BF16", ("mlp.router_bias", E))
-    for _, theirs, ours, out, inp in packed:
-        yield tensor(f"{p}mlp.experts.{theirs}_blocks", (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
-        yield tensor(f"{p}mlp.experts.{theirs}_scales", (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
-        yield tensor(f"{p}mlp.experts.{theirs}_bias", (E, out), "BF16", (f"mlp.{ours}_bias", E))
+        experts = {ours: (f"{p}mlp.{ours}_weight.blocks", f"{p}mlp.{ours}_weight.scales", f"{p}mlp.{ours}_bias") for ours in ("mlp1", "mlp2")}
+    else:
+        p = f"model.layers.{n}."
+        yield tensor(p + "input_layernorm.weight", (H,), "BF16", ("attn.norm.scale", H))
+        for proj, rows in (("q", Q), ("k", N), ("v", N)):
+            yield tensor(f"{p}self_attn.{proj}_proj.weight", (rows, H), "BF16", (f"attn.{proj}", rows))
+            yield tensor(f"{p}self_attn.{proj}_proj.bias", (rows,), "BF16", (f"attn.{proj}_bias", rows))
+        yield tensor(p + "self_attn.o_proj.weight", (H, Q), "BF16", ("attn.out", H))
+        yield tensor(p + "self_attn.o_proj.bias", (H,), "BF16", ("attn.out_bias", H))
+        yield tensor(p + "self_attn.sinks", (config.num_attention_heads,), "BF16", ("attn.sinks", config.num_attention_heads))
+        yield tensor(p + "post_attention_layernorm.weight", (H,), "BF16", ("mlp.norm.scale", H))
+        yield tensor(p + "mlp.router.weight", (E, H), "BF16", ("mlp.router", E))
+        yield tensor(p + "mlp.router.bias", (E,), "BF16", ("mlp.router_bias", E))
+        experts = {
+            ours: tuple(f"{p}mlp.experts.{theirs}_{part}" for part in ("blocks", "scales", "bias"))
+            for ours, theirs in (("mlp1", "gate_up_proj"), ("mlp2", "down_proj"))
+        }
+    for ours, out, inp in (("mlp1", 2 * I, H), ("mlp2", H, I)):  # MXFP4 [E, out, in], blocked along `in`
+        blocks, scales, bias = experts[ours]
+        yield tensor(blocks, (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
+        yield tensor(scales, (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
+        yield tensor(bias, (E, out), "BF16", (f"mlp.{ours}_bias", E))
 
 
 def export(params: Mapping[ParamPath, np.ndarray], tensors: list[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
