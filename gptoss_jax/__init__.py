@@ -2,7 +2,25 @@
 
 from gptoss_jax.checkpoint import load, save
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.harmony import Chat, Completion, Tool, reply
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
+from gptoss_jax.sampling import Generation, Greedy, Random, Sampler
+from gptoss_jax.tokenizer import get_encoding
 
-__all__ = ["GptOss", "GptOssConfig", "KVCache", "load", "save"]
+__all__ = [
+    "Chat",
+    "Completion",
+    "Generation",
+    "GptOss",
+    "GptOssConfig",
+    "Greedy",
+    "KVCache",
+    "Random",
+    "Sampler",
+    "Tool",
+    "get_encoding",
+    "load",
+    "reply",
+    "save",
+]
