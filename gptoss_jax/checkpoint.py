@@ -30,7 +30,8 @@ from gptoss_jax.model import GptOss
 FORMAT = "gptoss-jax/1"
 MARKER = "gptoss_jax.json"
 PARAMS = "params"
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 64 * 2**20  # largest stored leaf
+BATCH_BYTES = 128 * 2**20  # data per Orbax partial save: fewer saves are faster, smaller ones use less memory
 STACKS = ("sliding_blocks", "full_blocks")  # parameters stacked on a leading layer axis
 ParamPath = tuple[str, ...]
 
@@ -67,15 +68,15 @@ class PartialWriter:
     """Writes a converted checkpoint into `directory`, a batch of chunks per Orbax partial save."""
 
     def __init__(self, directory: Path):
-        self.directory = directory
+        self.directory = directory.absolute()
         self._pending: list[tuple[list[str], np.ndarray]] = []
         self._pending_bytes = 0
-        directory.mkdir(parents=True)
+        self.directory.mkdir(parents=True)
 
     def add(self, path: ParamPath, layer: int | None, chunk: int, rows: np.ndarray) -> None:
         self._pending.append((_keys(path, layer, chunk), rows))
         self._pending_bytes += rows.nbytes
-        if self._pending_bytes >= CHUNK_BYTES:
+        if self._pending_bytes >= BATCH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -113,7 +114,7 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
     Each stacked parameter is filled in place one layer at a time, so the peak is the model plus a
     layer's piece of one parameter.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax wants absolute paths
     marker = path / MARKER
     if not marker.is_file() or json.loads(marker.read_text()).get("format") != FORMAT:
         raise ValueError(f"{path} is not a converted gptoss-jax checkpoint (no {MARKER} with format {FORMAT})")

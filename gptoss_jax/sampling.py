@@ -1,7 +1,8 @@
 """Generation from a `GptOss`: strategies, and a `Sampler` with a jitted prefill and decode step.
 
 Prompts are padded to a multiple of `bucket` tokens and the cache to a multiple of `bucket` slots,
-so a chat whose prompt grows turn by turn recompiles only when it crosses a bucket.
+so a chat whose prompt grows turn by turn recompiles only when it crosses a bucket. Long prompts are
+prefilled in chunks of `prefill_chunk` tokens, which bounds the activations a step holds.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Generation:
 @nnx.jit(static_argnums=(5,))
 def _prefill(model: GptOss, tokens_BT, cache: KVCache, lengths_B, key, strategy: Strategy):
     logits_BTV, cache = model.step(tokens_BT, cache, lengths_B)
-    last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    last = jnp.maximum(lengths_B - 1, 0)  # rows with nothing in this chunk sample garbage, ignored
+    last_BV = jnp.take_along_axis(logits_BTV, last[:, None, None], axis=1)[:, 0]
     return strategy(last_BV, key), cache
 
 
@@ -102,8 +104,12 @@ def _round_up(n: int, multiple: int) -> int:
 class Sampler:
     """Generates continuations of token-id prompts (of different lengths) from a model."""
 
-    def __init__(self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64):
-        self.model, self.stop_tokens, self.bucket = model, tuple(stop_tokens), bucket
+    def __init__(
+        self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64, prefill_chunk: int = 256
+    ):
+        if prefill_chunk % bucket:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be a multiple of bucket={bucket}")
+        self.model, self.stop_tokens, self.bucket, self.prefill_chunk = model, tuple(stop_tokens), bucket, prefill_chunk
 
     def generate(
         self,
@@ -133,8 +139,7 @@ class Sampler:
         keys = jax.random.split(jax.random.key(seed), max_new_tokens)
 
         start = time.perf_counter()
-        tokens, cache = _prefill(self.model, jnp.asarray(padded), cache, jnp.asarray(lengths), keys[0], strategy)
-        tokens = np.asarray(tokens)
+        tokens, cache = self._prefill(padded, lengths, cache, keys[0], strategy)
         prefill_seconds = time.perf_counter() - start
         generated, stopped = [[] for _ in prompts], [False] * len(prompts)
         steady_start, step = None, 0
@@ -161,3 +166,14 @@ class Sampler:
             decode_seconds=time.perf_counter() - steady_start if steady_start is not None else 0.0,
             decode_steps=steady,
         )
+
+    def _prefill(self, padded: np.ndarray, lengths: np.ndarray, cache: KVCache, key, strategy: Strategy):
+        """Caches the prompts chunk by chunk; each row's first token comes from the chunk with its last prompt token."""
+        first = np.zeros(len(lengths), np.int32)
+        for start in range(0, padded.shape[1], self.prefill_chunk):
+            chunk = padded[:, start : start + self.prefill_chunk]
+            valid = np.clip(lengths - start, 0, chunk.shape[1]).astype(np.int32)
+            tokens, cache = _prefill(self.model, jnp.asarray(chunk), cache, jnp.asarray(valid), key, strategy)
+            ends_here = (lengths > start) & (lengths <= start + chunk.shape[1])
+            first = np.where(ends_here, np.asarray(tokens), first)
+        return first, cache

@@ -1,0 +1,20 @@
+"""The README's Python snippets run as written (with a converted tiny checkpoint where they load one)."""
+
+import re
+from pathlib import Path
+
+from convert.__main__ import main as convert_main
+from convert.synthetic import write_checkpoint
+from gptoss_jax import GptOssConfig
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_readme_snippets_run(tmp_path, monkeypatch):
+    snippets = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(snippets) == 2
+    write_checkpoint(tmp_path / "hf", GptOssConfig.tiny(), layout="hf", progress=False)
+    assert convert_main([str(tmp_path / "hf"), str(tmp_path / "ckpt" / "tiny")]) == 0
+    monkeypatch.chdir(tmp_path)
+    for snippet in snippets:
+        exec(compile(snippet, str(README), "exec"), {})
