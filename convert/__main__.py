@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", type=Path, help="where to write the converted checkpoint (must not exist)")
     parser.add_argument("--format", default="auto", choices=["auto", "hf", "original"], help="source layout (default: detect)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)")
-    parser.add_argument("--quantize", choices=["mxfp4"], help="pack dense bf16 experts (fine-tunes) to MXFP4")
+    parser.add_argument("--quantize", choices=["mxfp4"], help="pack dense bf16 experts (fine-tunes) to MXFP4 (round to nearest); without it they stay bf16")
     args = parser.parse_args(argv)
     try:
         summary = convert(args.src, args.dst, layout=args.format, overwrite=args.overwrite, quantize=args.quantize)

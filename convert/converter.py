@@ -47,12 +47,10 @@ def convert(
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
     source = open_source(src, layout)
-    if source.dense_experts and quantize != "mxfp4":
-        raise CheckpointError(
-            f"{source.directory} holds dense bf16 experts (no quantization_config); pass --quantize mxfp4 "
-            "to pack them (the model runs MXFP4 experts)"
-        )
-    leaf_shapes = _leaf_shapes(source.config)
+    if quantize is not None and not source.dense_experts:
+        raise CheckpointError(f"{source.directory} already holds MXFP4 experts; --quantize applies to dense bf16 experts")
+    pack = source.dense_experts and quantize == "mxfp4"
+    leaf_shapes = _leaf_shapes(source.config, source.expert_format)
     staging = dst.parent / f".{dst.name}.incomplete"
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     expected = source.expected()
@@ -63,11 +61,12 @@ def convert(
         with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=disable) as bar:
             for done, tensor in enumerate(expected, 1):
                 stored = source.stored[tensor.name]
-                for target, rows in _chunks(tensor, stored, leaf_shapes, dense=source.dense_experts):
+                for target, rows in _chunks(tensor, stored, leaf_shapes, pack=pack):
                     writer.add(*target)
                     bar.update(rows)
                 bar.set_postfix_str(f"{done}/{len(expected)} tensors")
-        writer.finish(source.config, {"source": str(src.resolve()), "source_layout": source.layout})
+        expert_format = "mxfp4" if pack else source.expert_format
+        writer.finish(source.config, {"expert_format": expert_format, "source": str(src.resolve()), "source_layout": source.layout})
         _replace(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -75,9 +74,9 @@ def convert(
     return Summary(len(expected), total, time.perf_counter() - start, source.layout)
 
 
-def _leaf_shapes(config: GptOssConfig) -> dict[layouts.ParamPath, tuple[int, ...]]:
+def _leaf_shapes(config: GptOssConfig, expert_format: str) -> dict[layouts.ParamPath, tuple[int, ...]]:
     """Per-layer shape of every parameter (stacked parameters without their layer axis)."""
-    abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), expert_format=expert_format))
     shapes = {}
     for path, variable in nnx.to_flat_state(nnx.state(abstract)):
         path = tuple(str(p) for p in path)
@@ -86,7 +85,7 @@ def _leaf_shapes(config: GptOssConfig) -> dict[layouts.ParamPath, tuple[int, ...
     return shapes
 
 
-def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, dense: bool):
+def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, pack: bool):
     """((param path, layer, chunk index, rows), source bytes read) for each piece of one checkpoint tensor.
 
     Rows are read from the file chunk by chunk and only reshaped, so their bytes are the source's.
@@ -97,7 +96,7 @@ def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, dense:
         per_leaf_row = (target.stop - target.start) // leaf_shape[0]  # checkpoint rows per parameter row
         for chunk, (start, stop) in enumerate(row_chunks(leaf_shape[0], per_leaf_row * row_bytes)):
             rows = stored.read(target.start + start * per_leaf_row, target.start + stop * per_leaf_row)
-            if dense and target.path[-1].endswith("_blocks"):
+            if pack and target.path[-1].endswith("_weight"):
                 yield from _packed_experts(target, chunk, rows)
             else:
                 yield (target.path, target.layer, chunk, rows.reshape(stop - start, *leaf_shape[1:])), rows.nbytes
@@ -106,9 +105,9 @@ def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, dense:
 def _packed_experts(target: layouts.Target, chunk: int, experts: np.ndarray):
     """Dense bf16 experts `[e, in, out]` packed to MXFP4 blocks and scales `[e, out, ...]`, one expert at a time."""
     packed = [mxfp4.quantize(np.asarray(expert, np.float32).T) for expert in experts]
-    scales_path = (*target.path[:-1], target.path[-1].replace("_blocks", "_scales"))
-    yield (target.path, target.layer, chunk, np.stack([b for b, _ in packed])), experts.nbytes
-    yield (scales_path, target.layer, chunk, np.stack([s for _, s in packed])), 0
+    stem = (*target.path[:-1], target.path[-1].removesuffix("_weight"))
+    yield ((*stem[:-1], f"{stem[-1]}_blocks"), target.layer, chunk, np.stack([b for b, _ in packed])), experts.nbytes
+    yield ((*stem[:-1], f"{stem[-1]}_scales"), target.layer, chunk, np.stack([s for _, s in packed])), 0
 
 
 def _replace(staging: Path, dst: Path) -> None:

@@ -29,17 +29,12 @@ class Source:
     stored: dict[str, StoredTensor]
     dense_experts: bool  # HF layout with experts dequantized to bf16 (fine-tunes, re-uploads)
 
+    @property
+    def expert_format(self) -> str:
+        return "bf16" if self.dense_experts else "mxfp4"
+
     def expected(self) -> list[layouts.Tensor]:
-        tensors = layouts.checkpoint_tensors(self.config, self.layout)
-        return [dense_expert_tensor(self.config, t) for t in tensors if not t.name.endswith("_scales")] if self.dense_experts else tensors
-
-
-def dense_expert_tensor(config: GptOssConfig, tensor: layouts.Tensor) -> layouts.Tensor:
-    """HF's dequantized expert tensor in place of a packed `_blocks` one: `[E, in, out]` bf16."""
-    if not tensor.name.endswith("_blocks"):
-        return tensor
-    E, out, blocks, _ = tensor.shape
-    return dataclasses.replace(tensor, name=tensor.name.removesuffix("_blocks"), shape=(E, blocks * 32, out), dtype="BF16")
+        return layouts.checkpoint_tensors(self.config, self.layout, self.expert_format)
 
 
 def open_source(src: Path, layout: str = "auto") -> Source:

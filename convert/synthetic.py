@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 
 from convert import safetensors_io
-from convert.sources import INDEX, dense_expert_tensor
+from convert.sources import INDEX
 from gptoss_jax import layouts, mxfp4
 from gptoss_jax.config import GptOssConfig
 
@@ -39,21 +39,21 @@ def _values(tensor: layouts.Tensor, seed: int) -> Iterator[np.ndarray]:
         step = 1 if per_expert else max(1, _CHUNK_ELEMENTS // max(int(np.prod(row_shape)), 1))
         for chunk, start in enumerate(range(0, rows, step)):
             shape = (min(step, rows - start), *row_shape)
-            yield _random(target, shape, tensor.dtype, lambda path: _rng(seed, path, target.layer, chunk))
+            yield _random(target, shape, lambda path: _rng(seed, path, target.layer, chunk))
 
 
 def _rng(seed: int, path: tuple[str, ...], layer: int | None, chunk: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(".".join(path).encode()), 0 if layer is None else layer + 1, chunk])
 
 
-def _random(target: layouts.Target, shape: tuple[int, ...], dtype: str, rng_for) -> np.ndarray:
+def _random(target: layouts.Target, shape: tuple[int, ...], rng_for) -> np.ndarray:
     name = target.path[-1]
     rng = rng_for(target.path)
-    if name.endswith("_blocks") and dtype == "BF16":  # dense experts: the packed weights, decoded
-        scales_path = (*target.path[:-1], name.replace("_blocks", "_scales"))
+    if name.endswith("_weight"):  # dense experts: the packed weights of the same seed, decoded
+        stem = name.removesuffix("_weight")
         E, inp, out = shape
-        blocks = rng.integers(0, 256, (E, out, inp // 32, 16), dtype=np.uint8)
-        scales = _random(dataclasses.replace(target, path=scales_path), (E, out, inp // 32), "U8", rng_for)
+        blocks = _random(dataclasses.replace(target, path=(*target.path[:-1], f"{stem}_blocks")), (E, out, inp // 32, 16), rng_for)
+        scales = _random(dataclasses.replace(target, path=(*target.path[:-1], f"{stem}_scales")), (E, out, inp // 32), rng_for)
         return np.swapaxes(np.asarray(mxfp4.dequantize(blocks, scales, np.float32)), 1, 2)
     if name.endswith("_blocks"):
         return rng.integers(0, 256, shape, dtype=np.uint8)
@@ -73,9 +73,7 @@ def write_checkpoint(
     progress: bool | None = None,
 ) -> int:
     """Writes config.json and the safetensors files of `layout` into `dst`; returns tensor bytes written."""
-    tensors = layouts.checkpoint_tensors(config, layout)
-    if dense_experts:
-        tensors = [dense_expert_tensor(config, t) for t in tensors if not t.name.endswith("_scales")]
+    tensors = layouts.checkpoint_tensors(config, layout, "bf16" if dense_experts else "mxfp4")
     dst.mkdir(parents=True, exist_ok=True)
     hf_config = config.to_hf_dict()
     if layout == "hf" and not dense_experts:

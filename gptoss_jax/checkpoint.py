@@ -100,7 +100,7 @@ def save(model: GptOss, directory: str | Path, provenance: dict[str, Any] | None
             leaf = value if layer is None else value[layer]
             for chunk, (start, stop) in enumerate(row_chunks(leaf.shape[0], leaf[:1].nbytes)):
                 writer.add(path, layer, chunk, leaf[start:stop])
-    writer.finish(model.config, provenance or {"source": "gptoss_jax.save"})
+    writer.finish(model.config, {"expert_format": model.expert_format, **(provenance or {"source": "gptoss_jax.save"})})
 
 
 @jax.jit(donate_argnums=0)
@@ -116,11 +116,14 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
     """
     path = Path(path).absolute()  # Orbax wants absolute paths
     marker = path / MARKER
-    if not marker.is_file() or json.loads(marker.read_text()).get("format") != FORMAT:
+    metadata = json.loads(marker.read_text()) if marker.is_file() else {}
+    if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a converted gptoss-jax checkpoint (no {MARKER} with format {FORMAT})")
     config = GptOssConfig.from_pretrained(path / "config.json")
     dtype = jnp.dtype(dtype or jnp.bfloat16)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype)))
+    expert_format = metadata.get("expert_format", "mxfp4")
+    abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype, expert_format=expert_format))
+    graphdef, state = nnx.split(abstract)
     stored = ocp.metadata(path / PARAMS).metadata
     context = ocp.Context()
     context.pytree.loading.partial_load = True  # one layer of one parameter at a time

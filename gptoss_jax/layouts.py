@@ -40,14 +40,19 @@ class Tensor:
     targets: tuple[Target, ...]
 
 
-def checkpoint_tensors(config: GptOssConfig, layout: str) -> list[Tensor]:
-    """Every tensor a checkpoint of `layout` holds for `config`, in file order."""
+def checkpoint_tensors(config: GptOssConfig, layout: str, expert_format: str = "mxfp4") -> list[Tensor]:
+    """Every tensor a checkpoint of `layout` holds for `config`, in file order.
+
+    `expert_format="bf16"` is the Hugging Face layout with dense experts `[E, in, out]` (fine-tunes).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
+    if expert_format == "bf16" and layout != "hf":
+        raise ValueError("dense bf16 experts exist only in the Hugging Face layout")
     globals_ = _GLOBALS[layout]
     tensors = [_whole(globals_[0], (config.vocab_size, config.hidden_size), "BF16", ("embedding",), None)]
     for n in range(config.num_hidden_layers):
-        tensors.extend(_block(config, layout, n))
+        tensors.extend(_block(config, layout, n, expert_format))
     tensors.append(_whole(globals_[1], (config.hidden_size,), "BF16", ("norm", "scale"), None))
     tensors.append(_whole(globals_[2], (config.vocab_size, config.hidden_size), "BF16", ("unembedding",), None))
     return tensors
@@ -63,7 +68,7 @@ def _whole(name: str, shape: tuple[int, ...], dtype: str, path: ParamPath, layer
     return Tensor(name, shape, dtype, (Target(path, layer, 0, shape[0]),))
 
 
-def _block(config: GptOssConfig, layout: str, n: int) -> Iterator[Tensor]:
+def _block(config: GptOssConfig, layout: str, n: int, expert_format: str) -> Iterator[Tensor]:
     """The tensors of block n, in the order the published files list them."""
     E, H, I, D = config.num_experts, config.hidden_size, config.intermediate_size, config.head_dim
     Q, N = config.num_attention_heads * D, config.num_key_value_heads * D
@@ -106,10 +111,13 @@ def _block(config: GptOssConfig, layout: str, n: int) -> Iterator[Tensor]:
             ours: tuple(f"{p}mlp.experts.{theirs}_{part}" for part in ("blocks", "scales", "bias"))
             for ours, theirs in (("mlp1", "gate_up_proj"), ("mlp2", "down_proj"))
         }
-    for ours, out, inp in (("mlp1", 2 * I, H), ("mlp2", H, I)):  # MXFP4 [E, out, in], blocked along `in`
+    for ours, out, inp in (("mlp1", 2 * I, H), ("mlp2", H, I)):
         blocks, scales, bias = experts[ours]
-        yield tensor(blocks, (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
-        yield tensor(scales, (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
+        if expert_format == "bf16":  # dense [E, in, out] under the packed name less its suffix
+            yield tensor(blocks.removesuffix("_blocks"), (E, inp, out), "BF16", (f"mlp.{ours}_weight", E))
+        else:  # MXFP4 [E, out, in], blocked along `in`
+            yield tensor(blocks, (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
+            yield tensor(scales, (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
         yield tensor(bias, (E, out), "BF16", (f"mlp.{ours}_bias", E))
 
 

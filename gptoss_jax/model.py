@@ -168,15 +168,19 @@ class Attention(nnx.Module):
 class MoE(nnx.Module):
     """Pre-norm mixture of experts with residual: route each token to K experts, weight their outputs."""
 
-    def __init__(self, config: GptOssConfig, *, dtype, impl: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, impl: str, expert_format: str, rngs: nnx.Rngs):
         E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
-        self.config, self.impl = config, impl
+        self.config, self.impl, self.expert_format = config, impl, expert_format
         self.norm = RMSNorm(config, dtype)
         self.router = _param(rngs, (E, H), ("experts", "embed"), dtype, H**-0.5)
         self.router_bias = _param(rngs, (E,), ("experts",), dtype, 0.1)
-        self.mlp1_blocks, self.mlp1_scales = _packed(rngs, (E, 2 * I, H), ("experts", "mlp", "embed"))
+        if expert_format == "mxfp4":  # [E, out, in], packed
+            self.mlp1_blocks, self.mlp1_scales = _packed(rngs, (E, 2 * I, H), ("experts", "mlp", "embed"))
+            self.mlp2_blocks, self.mlp2_scales = _packed(rngs, (E, H, I), ("experts", "embed", "mlp"))
+        else:  # [E, in, out], as fine-tuned checkpoints store dense experts
+            self.mlp1_weight = _param(rngs, (E, H, 2 * I), ("experts", "embed", "mlp"), dtype, H**-0.5)
+            self.mlp2_weight = _param(rngs, (E, I, H), ("experts", "mlp", "embed"), dtype, I**-0.5)
         self.mlp1_bias = _param(rngs, (E, 2 * I), ("experts", "mlp"), dtype, 0.1)
-        self.mlp2_blocks, self.mlp2_scales = _packed(rngs, (E, H, I), ("experts", "embed", "mlp"))
         self.mlp2_bias = _param(rngs, (E, H), ("experts", "embed"), dtype, 0.1)
 
     def __call__(self, x_BTH: jax.Array) -> jax.Array:
@@ -186,12 +190,16 @@ class MoE(nnx.Module):
         logits_BTE += self.router_bias[...].astype(jnp.float32)
         top_logits, experts_BTK = jax.lax.top_k(logits_BTE, self.config.experts_per_token)
         weights_BTK = jax.nn.softmax(top_logits, axis=-1)  # over the K selected logits only
-        experts = moe.PackedExperts(
-            self.mlp1_blocks[...], self.mlp1_scales[...], self.mlp1_bias[...],
-            self.mlp2_blocks[...], self.mlp2_scales[...], self.mlp2_bias[...],
+        experts = moe.Experts(
+            self._matrices("mlp1"), self.mlp1_bias[...], self._matrices("mlp2"), self.mlp2_bias[...],
             alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit,
         )
         return x_BTH + moe.apply_experts(self.impl, experts, t, experts_BTK, weights_BTK)
+
+    def _matrices(self, name: str) -> moe.Matrices:
+        if self.expert_format == "mxfp4":
+            return moe.PackedMatrices(getattr(self, f"{name}_blocks")[...], getattr(self, f"{name}_scales")[...])
+        return moe.DenseMatrices(getattr(self, f"{name}_weight")[...])
 
 
 def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> tuple[Packed, Packed]:
@@ -209,9 +217,9 @@ def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, s
 class Block(nnx.Module):
     """One transformer layer: attention then MoE, each with its own pre-norm and residual."""
 
-    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, moe_impl: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, moe_impl: str, expert_format: str, rngs: nnx.Rngs):
         self.attn = Attention(config, sliding=sliding, dtype=dtype, rngs=rngs)
-        self.mlp = MoE(config, dtype=dtype, impl=moe_impl, rngs=rngs)
+        self.mlp = MoE(config, dtype=dtype, impl=moe_impl, expert_format=expert_format, rngs=rngs)
 
     def __call__(self, x_BTH, rope, q_pos_BT, plan, cache):
         x_BTH, cache = self.attn(x_BTH, rope, q_pos_BT, plan, cache)
@@ -236,7 +244,8 @@ class GptOss(nnx.Module):
     `model(tokens)` runs a whole sequence without a cache. For generation, `init_cache` then
     `step(tokens, cache)` for the prompt (in chunks if long) and for each new token.
     `dtype` sets parameters and activations (bfloat16 by default; float32 for parity);
-    `moe_impl` picks the expert implementation (`moe.IMPLS`), `attention_impl` the attention one.
+    `moe_impl` picks the expert implementation (`moe.IMPLS`), `attention_impl` the attention one;
+    `expert_format` is "mxfp4" (packed, as published) or "bf16" (dense, as fine-tunes ship).
     """
 
     def __init__(
@@ -247,15 +256,19 @@ class GptOss(nnx.Module):
         dtype=jnp.bfloat16,
         attention_impl: str = "xla",
         moe_impl: str = "auto",
+        expert_format: str = "mxfp4",
     ):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention_impl {attention_impl!r}; choose one of {ATTENTION_IMPLS}")
         if moe_impl not in moe.IMPLS:
             raise ValueError(f"unknown moe_impl {moe_impl!r}; choose one of {moe.IMPLS}")
+        if expert_format not in moe.EXPERT_FORMATS:
+            raise ValueError(f"unknown expert_format {expert_format!r}; choose one of {moe.EXPERT_FORMATS}")
         V, H, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
         self.config, self.dtype = config, jnp.dtype(dtype)
         self.embedding = _param(rngs, (V, H), ("vocab", "embed"), dtype, 1.0)
-        blocks = dict(dtype=dtype, moe_impl=moe_impl, rngs=rngs)
+        self.expert_format = expert_format
+        blocks = dict(dtype=dtype, moe_impl=moe_impl, expert_format=expert_format, rngs=rngs)
         self.sliding_blocks = _stacked_blocks(config, (L + 1) // 2, sliding=True, **blocks)
         self.full_blocks = _stacked_blocks(config, L // 2, sliding=False, **blocks) if L > 1 else None
         self.norm = RMSNorm(config, dtype)

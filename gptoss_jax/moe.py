@@ -1,4 +1,4 @@
-"""The experts of the MoE block, computed from MXFP4-packed weights (SPEC 2.4 steps 4-8).
+"""The experts of the MoE block (SPEC 2.4 steps 4-8), from MXFP4-packed or dense bf16 weights.
 
 Two implementations with the same math, neither of which ever holds a dequantized copy of a whole
 layer's experts:
@@ -18,18 +18,51 @@ import jax.numpy as jnp
 from gptoss_jax.mxfp4 import dequantize
 
 IMPLS = ("auto", "gather", "expert_scan")
+EXPERT_FORMATS = ("mxfp4", "bf16")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PackedExperts:
-    """One layer's experts: mlp1 `[E, F=2I, H]` and mlp2 `[E, H, I]`, both MXFP4 `[out, in]`."""
+class PackedMatrices:
+    """MXFP4 expert matrices `[E, out, in]` as stored: blocks `[E, out, in/32, 16]`, scales `[E, out, in/32]`."""
 
-    mlp1_blocks: jax.Array  # [E, F, H/32, 16] uint8
-    mlp1_scales: jax.Array  # [E, F, H/32] uint8
+    blocks: jax.Array
+    scales: jax.Array
+
+    def take(self, index) -> PackedMatrices:
+        return PackedMatrices(self.blocks[index], self.scales[index])
+
+    def weights(self, dtype) -> jax.Array:
+        """`[..., out, in]` decoded."""
+        return dequantize(self.blocks, self.scales, dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseMatrices:
+    """Dense expert matrices in Hugging Face's `[E, in, out]` orientation (fine-tuned checkpoints)."""
+
+    weight: jax.Array
+
+    def take(self, index) -> DenseMatrices:
+        return DenseMatrices(self.weight[index])
+
+    def weights(self, dtype) -> jax.Array:
+        """`[..., out, in]`; XLA folds the transpose into the matmul."""
+        return jnp.swapaxes(self.weight, -1, -2).astype(dtype)
+
+
+Matrices = PackedMatrices | DenseMatrices
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """One layer's experts: mlp1 `[E, F=2I, H]` (gate/linear interleaved) and mlp2 `[E, H, I]`."""
+
+    mlp1: Matrices
     mlp1_bias: jax.Array  # [E, F]
-    mlp2_blocks: jax.Array  # [E, H, I/32, 16] uint8
-    mlp2_scales: jax.Array  # [E, H, I/32] uint8
+    mlp2: Matrices
     mlp2_bias: jax.Array  # [E, H]
     alpha: float = dataclasses.field(metadata=dict(static=True))
     limit: float = dataclasses.field(metadata=dict(static=True))
@@ -43,43 +76,39 @@ def clamped_swiglu(u_F: jax.Array, alpha: float, limit: float) -> jax.Array:
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
 
 
-def gather(experts: PackedExperts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+def gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
     """Decodes the K selected experts of every token and applies them to that token alone."""
     dtype = t_BTH.dtype
-    w1 = dequantize(experts.mlp1_blocks[experts_BTK], experts.mlp1_scales[experts_BTK], dtype)
-    u_BTKF = jnp.einsum("bth,btkfh->btkf", t_BTH, w1) + experts.mlp1_bias[experts_BTK]
+    w1_BTKFH = experts.mlp1.take(experts_BTK).weights(dtype)
+    u_BTKF = jnp.einsum("bth,btkfh->btkf", t_BTH, w1_BTKFH) + experts.mlp1_bias[experts_BTK]
     act_BTKI = clamped_swiglu(u_BTKF, experts.alpha, experts.limit)
-    w2 = dequantize(experts.mlp2_blocks[experts_BTK], experts.mlp2_scales[experts_BTK], dtype)
-    y_BTKH = jnp.einsum("btki,btkhi->btkh", act_BTKI, w2) + experts.mlp2_bias[experts_BTK]
+    w2_BTKHI = experts.mlp2.take(experts_BTK).weights(dtype)
+    y_BTKH = jnp.einsum("btki,btkhi->btkh", act_BTKI, w2_BTKHI) + experts.mlp2_bias[experts_BTK]
     return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
 
 
-def expert_scan(
-    experts: PackedExperts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array
-) -> jax.Array:
+def expert_scan(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
     """Decodes one expert at a time and applies it to every token, weighted by its routing weight."""
     dtype = t_BTH.dtype
     num_experts = experts.mlp1_bias.shape[0]
+    one_hot_BTKE = jax.nn.one_hot(experts_BTK, num_experts, dtype=dtype)
     # [E, B, T]: the routing weight of each expert for each token, 0 where it was not selected.
-    combine_EBT = jnp.einsum("btke,btk->ebt", jax.nn.one_hot(experts_BTK, num_experts, dtype=dtype), weights_BTK.astype(dtype))
+    combine_EBT = jnp.einsum("btke,btk->ebt", one_hot_BTKE, weights_BTK.astype(dtype))
 
     def one_expert(acc_BTH, xs):
-        blocks1, scales1, bias1, blocks2, scales2, bias2, combine_BT = xs
-        u_BTF = jnp.einsum("bth,fh->btf", t_BTH, dequantize(blocks1, scales1, dtype)) + bias1
+        mlp1, bias1, mlp2, bias2, combine_BT = xs
+        u_BTF = jnp.einsum("bth,fh->btf", t_BTH, mlp1.weights(dtype)) + bias1
         act_BTI = clamped_swiglu(u_BTF, experts.alpha, experts.limit)
-        y_BTH = jnp.einsum("bti,hi->bth", act_BTI, dequantize(blocks2, scales2, dtype)) + bias2
+        y_BTH = jnp.einsum("bti,hi->bth", act_BTI, mlp2.weights(dtype)) + bias2
         return acc_BTH + y_BTH * combine_BT[..., None], None
 
-    per_expert = (
-        experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias,
-        experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias, combine_EBT,
-    )
+    per_expert = (experts.mlp1, experts.mlp1_bias, experts.mlp2, experts.mlp2_bias, combine_EBT)
     out_BTH, _ = jax.lax.scan(one_expert, jnp.zeros_like(t_BTH), per_expert)
     return out_BTH
 
 
 def apply_experts(
-    impl: str, experts: PackedExperts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array
+    impl: str, experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array
 ) -> jax.Array:
     """Σ_k w_k · (W2[e_k] · swiglu(W1[e_k] · t + b1[e_k]) + b2[e_k]) with the chosen implementation."""
     if impl == "auto":

@@ -42,7 +42,8 @@ def converted(published, tmp_path_factory) -> dict[str, Path]:
     for name in ("hf", "original"):
         assert convert_main([str(published[name]), str(root / name)]) == 0
     assert convert_main([str(published["dense"]), str(root / "dense"), "--quantize", "mxfp4"]) == 0
-    return {name: root / name for name in ("hf", "original", "dense")}
+    assert convert_main([str(published["dense"]), str(root / "dense-bf16")]) == 0
+    return {name: root / name for name in ("hf", "original", "dense", "dense-bf16")}
 
 
 def _leaves(model) -> list[np.ndarray]:
@@ -75,6 +76,22 @@ def test_dense_experts_pack_back_to_the_same_values(converted):
     packed, repacked = gptoss_jax.load(converted["hf"], dtype="float32"), gptoss_jax.load(converted["dense"], dtype="float32")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, 20)))
     np.testing.assert_array_equal(np.asarray(forward(packed, tokens)), np.asarray(forward(repacked, tokens)))
+
+
+def test_dense_experts_kept_in_bf16_give_the_same_logits(converted):
+    """Without --quantize the fine-tune's dense experts are kept and run as they are."""
+    packed, dense = gptoss_jax.load(converted["hf"], dtype="float32"), gptoss_jax.load(converted["dense-bf16"], dtype="float32")
+    assert dense.expert_format == "bf16" and dense.full_blocks.mlp.mlp1_weight[...].shape[1:] == (
+        CONFIG.num_experts, CONFIG.hidden_size, 2 * CONFIG.intermediate_size
+    )
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, 20)))
+    # Same weight values on both sides; only the matmul operand layout differs (summation order).
+    np.testing.assert_allclose(np.asarray(forward(dense, tokens)), np.asarray(forward(packed, tokens)), atol=1e-5, rtol=0)
+
+
+def test_quantize_refuses_already_packed_experts(published, tmp_path, capsys):
+    assert convert_main([str(published["hf"]), str(tmp_path / "dst"), "--quantize", "mxfp4"]) == 2
+    assert "already holds MXFP4 experts" in capsys.readouterr().err and not (tmp_path / "dst").exists()
 
 
 def test_transformers_reads_the_same_checkpoint_and_agrees(published, converted):
