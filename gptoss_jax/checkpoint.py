@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gptoss_jax import sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 
@@ -108,11 +110,12 @@ def _set_layer(stacked: jax.Array, layer_value: jax.Array, layer: jax.Array) -> 
     return jax.lax.dynamic_update_index_in_dim(stacked, layer_value.astype(stacked.dtype), layer, 0)
 
 
-def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
+def load(path: str | Path, *, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None) -> GptOss:
     """Restores a converted checkpoint into a `GptOss`; `dtype="float32"` gives the float32 parity mode.
 
     Each stacked parameter is filled in place one layer at a time, so the peak is the model plus a
-    layer's piece of one parameter.
+    layer's piece of one parameter. With a `mesh` every parameter is built directly on it: each
+    device receives only its shard (see `sharding.RULES`).
     """
     path = Path(path).absolute()  # Orbax wants absolute paths
     marker = path / MARKER
@@ -120,6 +123,8 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a converted gptoss-jax checkpoint (no {MARKER} with format {FORMAT})")
     config = GptOssConfig.from_pretrained(path / "config.json")
+    if mesh is not None:
+        sharding.check_fits(dict(mesh.shape), config)
     dtype = jnp.dtype(dtype or jnp.bfloat16)
     expert_format = metadata.get("expert_format", "mxfp4")
     abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype, expert_format=expert_format))
@@ -133,7 +138,8 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
         param_path = tuple(str(p) for p in param_path)
         target = variable.get_value()
         stacked = param_path[0] in STACKS
-        value = jnp.zeros(target.shape, target.dtype) if stacked else None
+        placement = NamedSharding(mesh, sharding.variable_spec(variable)) if mesh is not None else device
+        value = jnp.zeros(target.shape, target.dtype, device=placement) if stacked else None
         for layer in range(target.shape[0]) if stacked else [None]:
             keys = _keys(param_path, layer)
             try:
@@ -147,6 +153,9 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None) -> GptOss:
             expected = target.shape[1:] if stacked else target.shape
             if layer_value.shape != expected:
                 raise ValueError(f"{path}: parameter {'/'.join(keys)} has shape {layer_value.shape}, the config implies {expected}")
+            if mesh is not None:  # each device takes only its slice of this layer
+                layer_spec = placement.spec[1:] if stacked else placement.spec
+                layer_value = sharding.place(np.asarray(layer_value), NamedSharding(mesh, PartitionSpec(*layer_spec)))
             value = _set_layer(value, layer_value, layer) if stacked else layer_value.astype(target.dtype)
         variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

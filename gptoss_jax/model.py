@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import moe
+from gptoss_jax import moe, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
 from gptoss_jax.mxfp4 import BLOCK
@@ -194,7 +194,7 @@ class MoE(nnx.Module):
             self._matrices("mlp1"), self.mlp1_bias[...], self._matrices("mlp2"), self.mlp2_bias[...],
             alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit,
         )
-        return x_BTH + moe.apply_experts(self.impl, experts, t, experts_BTK, weights_BTK)
+        return x_BTH + sharding.apply_experts(self.impl, experts, t, experts_BTK, weights_BTK)
 
     def _matrices(self, name: str) -> moe.Matrices:
         if self.expert_format == "mxfp4":
@@ -304,7 +304,8 @@ class GptOss(nnx.Module):
         return self._logits(x_BTH), new_cache
 
     def _embed(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+        x_BTH = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+        return sharding.constrain(x_BTH, ("batch", None, "embed"))
 
     def _logits(self, x_BTH: jax.Array) -> jax.Array:
         # float32 logits: sampling and log-probs need more than bf16's 8 bits of mantissa.

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from gptoss_jax import sharding
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from gptoss_jax.tokenizer import CALL, RETURN
@@ -105,11 +107,15 @@ class Sampler:
     """Generates continuations of token-id prompts (of different lengths) from a model."""
 
     def __init__(
-        self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64, prefill_chunk: int = 256
+        self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64, prefill_chunk: int = 256,
+        mesh: Mesh | None = None,
     ):
+        """`mesh`: run sharded on it (the model's parameters must already live there, e.g. `load(..., mesh=mesh)`)."""
         if prefill_chunk % bucket:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be a multiple of bucket={bucket}")
         self.model, self.stop_tokens, self.bucket, self.prefill_chunk = model, tuple(stop_tokens), bucket, prefill_chunk
+        self.mesh = mesh
+
 
     def generate(
         self,
@@ -122,6 +128,14 @@ class Sampler:
         on_token: Callable[[int, int], None] | None = None,
     ) -> Generation:
         """Runs each prompt until a stop token or `max_new_tokens`; `on_token(row, token)` streams tokens."""
+        if self.mesh is None:
+            return self._generate(prompts, max_new_tokens, strategy, seed, stop_tokens, on_token)
+        if len(prompts) % self.mesh.shape["data"]:
+            raise ValueError(f"{len(prompts)} prompts cannot be split over the data axis of size {self.mesh.shape['data']}")
+        with jax.set_mesh(self.mesh):
+            return self._generate(prompts, max_new_tokens, strategy, seed, stop_tokens, on_token)
+
+    def _generate(self, prompts, max_new_tokens, strategy, seed, stop_tokens, on_token) -> Generation:
         stops = set(self.stop_tokens if stop_tokens is None else stop_tokens)
         lengths = np.array([len(p) for p in prompts], np.int32)
         context = self.model.config.max_context
@@ -136,6 +150,8 @@ class Sampler:
         for row, prompt in enumerate(prompts):
             padded[row, : len(prompt)] = prompt
         cache = self.model.init_cache(len(prompts), min(_round_up(padded.shape[1] + max_new_tokens, self.bucket), context))
+        if self.mesh is not None:
+            cache = jax.tree.map(sharding.place, cache, sharding.cache_sharding(cache, self.mesh))
         keys = jax.random.split(jax.random.key(seed), max_new_tokens)
 
         start = time.perf_counter()
