@@ -312,33 +312,38 @@ class GptOss(nnx.Module):
         return jnp.einsum("bth,vh->btv", self.norm(x_BTH), self.unembedding[...], preferred_element_type=jnp.float32)
 
     def _layers(self, x_BTH, positions_BT, plans, cache: KVCache | None):
-        """Runs the layers as a scan over (sliding, full) pairs, then a last sliding layer if L is odd."""
+        """Runs the layers as a scan over (sliding, full) pairs, then a last sliding layer if L is odd.
+
+        The cache stacks ride in the scan's carry and each layer rewrites only its own slice, which XLA
+        does in place (as scan outputs they would be a second copy of the whole cache).
+        """
         rope = rotary_tables(self.config, positions_BT, self.dtype)
         sliding_plan, full_plan = plans if plans is not None else (None, None)
-        sliding_cache, full_cache = (cache.sliding, cache.full) if cache is not None else (None, None)
+        sliding_stack, full_stack = (cache.sliding, cache.full) if cache is not None else (None, None)
         pairs = self.config.num_hidden_layers // 2
         sliding_def, sliding_state = nnx.split(self.sliding_blocks)
 
-        def block(graph, state, x, plan, layer_cache):
-            return nnx.merge(graph, state)(x, rope, positions_BT, plan, layer_cache)
+        def block(graph, state, x, plan, stack, layer):
+            layer_cache = None if stack is None else jax.tree.map(lambda a: a[layer], stack)
+            x, layer_cache = nnx.merge(graph, state)(x, rope, positions_BT, plan, layer_cache)
+            if stack is not None:
+                stack = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, layer, 0), stack, layer_cache)
+            return x, stack
 
-        def take(tree, index):
-            return jax.tree.map(lambda a: a[index], tree)
-
-        sliding_out = []
         if pairs:
             full_def, full_state = nnx.split(self.full_blocks)
 
-            def pair(x, layer):
-                s_state, f_state, s_cache, f_cache = layer
-                x, s_cache = block(sliding_def, s_state, x, sliding_plan, s_cache)
-                x, f_cache = block(full_def, f_state, x, full_plan, f_cache)
-                return x, (s_cache, f_cache)
+            def pair(carry, layer):
+                x, s_stack, f_stack = carry
+                index, s_state, f_state = layer
+                x, s_stack = block(sliding_def, s_state, x, sliding_plan, s_stack, index)
+                x, f_stack = block(full_def, f_state, x, full_plan, f_stack, index)
+                return (x, s_stack, f_stack), None
 
-            layers = (take(sliding_state, slice(pairs)), full_state, take(sliding_cache, slice(pairs)), full_cache)
-            x_BTH, (scanned, full_cache) = jax.lax.scan(pair, x_BTH, layers)
-            sliding_out.append(scanned)
+            first_pairs = jax.tree.map(lambda a: a[:pairs], sliding_state)
+            layers = (jnp.arange(pairs), first_pairs, full_state)
+            (x_BTH, sliding_stack, full_stack), _ = jax.lax.scan(pair, (x_BTH, sliding_stack, full_stack), layers)
         if self.config.num_hidden_layers % 2:
-            x_BTH, last = block(sliding_def, take(sliding_state, pairs), x_BTH, sliding_plan, take(sliding_cache, pairs))
-            sliding_out.append(take(last, None))
-        return x_BTH, (jax.tree.map(lambda *stacks: jnp.concatenate(stacks), *sliding_out), full_cache)
+            last = jax.tree.map(lambda a: a[pairs], sliding_state)
+            x_BTH, sliding_stack = block(sliding_def, last, x_BTH, sliding_plan, sliding_stack, pairs)
+        return x_BTH, (sliding_stack, full_stack)

@@ -13,7 +13,7 @@ import time
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import checkpoint, harmony
+from gptoss_jax import checkpoint, harmony, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import Greedy, Random, Sampler
@@ -43,15 +43,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (one message per line)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, messages and speeds")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--mesh", help="run sharded, e.g. data=1,expert=8,model=1 (sizes must multiply to the device count)")
+    p.add_argument("--coordinator", help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-host: process count (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index (or JAX_PROCESS_ID)")
     return p.parse_args(argv)
 
 
-def _model(args: argparse.Namespace) -> GptOss:
+def _model(args: argparse.Namespace, mesh) -> GptOss:
     if args.checkpoint:
-        return checkpoint.load(args.checkpoint, dtype=args.dtype)
+        return checkpoint.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
     print("notice: tiny preset with RANDOM weights, so the text is meaningless; "
           "pass --checkpoint DIR (from `python -m convert`) for a real model.", file=sys.stderr)
-    return GptOss(GptOssConfig.tiny(), rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(args.dtype))
+    model = GptOss(GptOssConfig.tiny(), rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(args.dtype))
+    if mesh is not None:
+        sharding.check_fits(dict(mesh.shape), model.config)
+        sharding.shard_model(model, mesh)
+    return model
 
 
 def _printer(args: argparse.Namespace):
@@ -72,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None
         strategy = Greedy() if args.temperature == 0 else Random(args.temperature, args.top_k, args.top_p)
-        sampler = Sampler(_model(args))
+        sampler = Sampler(_model(args, mesh), mesh=mesh)
         settings = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, seed=args.seed)
         completion, generation = (_raw if args.raw else _harmony)(args, sampler, settings)
     except (ValueError, FileNotFoundError) as error:
