@@ -1,5 +1,6 @@
 """gpt-oss-20b / gpt-oss-120b in JAX and Flax NNX, with MXFP4-packed experts."""
 
+from gptoss_jax import sharding
 from gptoss_jax.checkpoint import load, save
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.harmony import Chat, Completion, Tool, reply
@@ -23,4 +24,5 @@ __all__ = [
     "load",
     "reply",
     "save",
+    "sharding",
 ]

@@ -12,7 +12,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 def test_readme_snippets_run(tmp_path, monkeypatch):
     snippets = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(snippets) == 2
+    assert len(snippets) == 3
     write_checkpoint(tmp_path / "hf", GptOssConfig.tiny(), layout="hf", progress=False)
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "ckpt" / "tiny")]) == 0
     monkeypatch.chdir(tmp_path)
