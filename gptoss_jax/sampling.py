@@ -8,6 +8,7 @@ prefilled in chunks of `prefill_chunk` tokens, which bounds the activations a st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -85,17 +86,19 @@ class Generation:
         return self.decode_steps / self.decode_seconds if self.decode_steps else float("nan")
 
 
-@nnx.jit(static_argnums=(5,))
-def _prefill(model: GptOss, tokens_BT, cache: KVCache, lengths_B, key, strategy: Strategy):
-    logits_BTV, cache = model.step(tokens_BT, cache, lengths_B)
+# Plain jax.jit over the split model: parameters go in as arguments and nothing comes back but tokens
+# and the cache (donated, so it is updated in place).
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=3)
+def _prefill(graphdef, params, tokens_BT, cache: KVCache, lengths_B, key, strategy: Strategy):
+    logits_BTV, cache = nnx.merge(graphdef, params).step(tokens_BT, cache, lengths_B)
     last = jnp.maximum(lengths_B - 1, 0)  # rows with nothing in this chunk sample garbage, ignored
     last_BV = jnp.take_along_axis(logits_BTV, last[:, None, None], axis=1)[:, 0]
     return strategy(last_BV, key), cache
 
 
-@nnx.jit(static_argnums=(4,))
-def _decode(model: GptOss, tokens_B, cache: KVCache, key, strategy: Strategy):
-    logits_BTV, cache = model.step(tokens_B[:, None], cache)
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=3)
+def _decode(graphdef, params, tokens_B, cache: KVCache, key, strategy: Strategy):
+    logits_BTV, cache = nnx.merge(graphdef, params).step(tokens_B[:, None], cache)
     return strategy(logits_BTV[:, 0], key), cache
 
 
@@ -115,6 +118,7 @@ class Sampler:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be a multiple of bucket={bucket}")
         self.model, self.stop_tokens, self.bucket, self.prefill_chunk = model, tuple(stop_tokens), bucket, prefill_chunk
         self.mesh = mesh
+        self._split = nnx.split(model)
 
 
     def generate(
@@ -171,7 +175,7 @@ class Sampler:
                 break
             if step == 2:
                 steady_start = time.perf_counter()  # after the first decode step, which may compile
-            tokens, cache = _decode(self.model, jnp.asarray(tokens), cache, keys[step], strategy)
+            tokens, cache = _decode(*self._split, jnp.asarray(tokens), cache, keys[step], strategy)
             tokens = np.asarray(tokens)
         steady = max(step - 2, 0)
         return Generation(
@@ -189,7 +193,7 @@ class Sampler:
         for start in range(0, padded.shape[1], self.prefill_chunk):
             chunk = padded[:, start : start + self.prefill_chunk]
             valid = np.clip(lengths - start, 0, chunk.shape[1]).astype(np.int32)
-            tokens, cache = _prefill(self.model, jnp.asarray(chunk), cache, jnp.asarray(valid), key, strategy)
+            tokens, cache = _prefill(*self._split, jnp.asarray(chunk), cache, jnp.asarray(valid), key, strategy)
             ends_here = (lengths > start) & (lengths <= start + chunk.shape[1])
             first = np.where(ends_here, np.asarray(tokens), first)
         return first, cache
