@@ -9,7 +9,7 @@ Block n is layer n // 2 of the `sliding_blocks` stack when n is even, of `full_b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -126,12 +126,6 @@ def export(params: Mapping[ParamPath, np.ndarray], tensors: list[Tensor]) -> Ite
     for tensor in tensors:
         parts = [_layer(params[t.path], t.layer).reshape(t.stop - t.start, *tensor.shape[1:]) for t in tensor.targets]
         yield tensor.name, np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
-def place(tensor: Tensor, value: np.ndarray, write: Callable[[Target, np.ndarray], None]) -> None:
-    """Hands each target its rows of a checkpoint tensor (the converter's inner step)."""
-    for target in tensor.targets:
-        write(target, value[target.start : target.stop])
 
 
 def _layer(array: np.ndarray, layer: int | None) -> np.ndarray:
