@@ -150,19 +150,20 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         N, G = self.config.num_key_value_heads, self.config.q_per_kv
         t = self.norm(x_BTH)
-        q = jnp.einsum("bth,qdh->btqd", t, self.q[...]) + self.q_bias[...]
+        # q head j = n * G + g belongs to kv head n = j // G (REF and HF alike).
+        wq_NGDH, bq_NGD = self.q[...].reshape(N, G, *self.q.shape[1:]), self.q_bias[...].reshape(N, G, -1)
+        q = jnp.einsum("bth,ngdh->btngd", t, wq_NGDH) + bq_NGD
         k = jnp.einsum("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...]
         v = jnp.einsum("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...]
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q_BTNGD = q.reshape(*q.shape[:2], N, G, -1)  # q head j belongs to kv head j // G
+        q_BTNGD, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
             keys, values, k_pos = k, v, q_pos_BT
         else:
             keys, values, cache = cache.attend_to(plan, k, v)
             k_pos = plan.key_positions
-        o = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, self.sinks[...].reshape(N, G), self.window)
-        o_BTQD = o.reshape(*o.shape[:2], N * G, -1)
-        return x_BTH + jnp.einsum("btqd,hqd->bth", o_BTQD, self.out[...]) + self.out_bias[...], cache
+        o_BTNGD = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, self.sinks[...].reshape(N, G), self.window)
+        wo_HNGD = self.out[...].reshape(self.out.shape[0], N, G, -1)
+        return x_BTH + jnp.einsum("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...], cache
 
 
 class MoE(nnx.Module):
@@ -203,7 +204,7 @@ class MoE(nnx.Module):
 
 
 def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> tuple[Packed, Packed]:
-    """Random MXFP4 weights `[E, out, in]`: uniform codes, scales 2^-10..2^-7 (values ~N(0, 1/in)-sized)."""
+    """Random MXFP4 weights `[E, out, in]`: bytes spread over all codes, scales 2^-10..2^-7."""
     E, R, C = shape
     codes = _normal(rngs, (E, R, C // BLOCK, BLOCK // 2), 1.0, jnp.float32)  # any spread of bytes will do
     blocks = (jax.nn.sigmoid(codes) * 255.99).astype(jnp.uint8)
