@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             "decode_tokens_per_s": generation.decode_tokens_per_s,
         }))
     else:
+        decode = generation.decode_tokens_per_s
         print(f"\n[{generation.prompt_tokens} prompt tokens at {generation.prefill_tokens_per_s:.1f} tok/s, decode "
-              f"{generation.decode_tokens_per_s:.1f} tok/s; {time.perf_counter() - started:.1f} s in all]", file=sys.stderr)
+              f"{'n/a' if decode is None else f'{decode:.1f}'} tok/s; {time.perf_counter() - started:.1f} s in all]",
+              file=sys.stderr)
     return 0
 
 

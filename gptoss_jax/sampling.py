@@ -81,9 +81,9 @@ class Generation:
         return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second per row in steady state."""
-        return self.decode_steps / self.decode_seconds if self.decode_steps else float("nan")
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens per second per row in steady state (None with too few steps to tell)."""
+        return self.decode_steps / self.decode_seconds if self.decode_steps else None
 
 
 # Plain jax.jit over the split model: parameters go in as arguments and nothing comes back but tokens

@@ -60,3 +60,9 @@ def test_bad_input_exits_2_with_one_clear_line(args, message):
     result = _run(*args)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_json_stays_valid_when_too_few_tokens_to_time_decode():
+    result = _run("--json", "--max-new-tokens", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["decode_tokens_per_s"] is None  # not NaN, which is not JSON
