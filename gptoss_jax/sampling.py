@@ -118,7 +118,6 @@ class Sampler:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be a multiple of bucket={bucket}")
         self.model, self.stop_tokens, self.bucket, self.prefill_chunk = model, tuple(stop_tokens), bucket, prefill_chunk
         self.mesh = mesh
-        self._split = nnx.split(model)
 
 
     def generate(
@@ -157,9 +156,10 @@ class Sampler:
         if self.mesh is not None:
             cache = jax.tree.map(sharding.place, cache, sharding.cache_sharding(cache, self.mesh))
         keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+        model = nnx.split(self.model)  # per call: the model's parameters may have changed since the last one
 
         start = time.perf_counter()
-        tokens, cache = self._prefill(padded, lengths, cache, keys[0], strategy)
+        tokens, cache = self._prefill(model, padded, lengths, cache, keys[0], strategy)
         prefill_seconds = time.perf_counter() - start
         generated, stopped = [[] for _ in prompts], [False] * len(prompts)
         steady_start, step = None, 0
@@ -175,7 +175,7 @@ class Sampler:
                 break
             if step == 2:
                 steady_start = time.perf_counter()  # after the first decode step, which may compile
-            tokens, cache = _decode(*self._split, jnp.asarray(tokens), cache, keys[step], strategy)
+            tokens, cache = _decode(*model, jnp.asarray(tokens), cache, keys[step], strategy)
             tokens = np.asarray(tokens)
         steady = max(step - 2, 0)
         return Generation(
@@ -187,13 +187,13 @@ class Sampler:
             decode_steps=steady,
         )
 
-    def _prefill(self, padded: np.ndarray, lengths: np.ndarray, cache: KVCache, key, strategy: Strategy):
+    def _prefill(self, model, padded: np.ndarray, lengths: np.ndarray, cache: KVCache, key, strategy: Strategy):
         """Caches the prompts chunk by chunk; each row's first token comes from the chunk with its last prompt token."""
         first = np.zeros(len(lengths), np.int32)
         for start in range(0, padded.shape[1], self.prefill_chunk):
             chunk = padded[:, start : start + self.prefill_chunk]
             valid = np.clip(lengths - start, 0, chunk.shape[1]).astype(np.int32)
-            tokens, cache = _prefill(*self._split, jnp.asarray(chunk), cache, jnp.asarray(valid), key, strategy)
+            tokens, cache = _prefill(*model, jnp.asarray(chunk), cache, jnp.asarray(valid), key, strategy)
             ends_here = (lengths > start) & (lengths <= start + chunk.shape[1])
             first = np.where(ends_here, np.asarray(tokens), first)
         return first, cache
