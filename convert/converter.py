@@ -105,9 +105,9 @@ def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, pack: 
 def _packed_experts(target: layouts.Target, chunk: int, experts: np.ndarray):
     """Dense bf16 experts `[e, in, out]` packed to MXFP4 blocks and scales `[e, out, ...]`, one expert at a time."""
     packed = [mxfp4.quantize(np.asarray(expert, np.float32).T) for expert in experts]
-    stem = (*target.path[:-1], target.path[-1].removesuffix("_weight"))
-    yield ((*stem[:-1], f"{stem[-1]}_blocks"), target.layer, chunk, np.stack([b for b, _ in packed])), experts.nbytes
-    yield ((*stem[:-1], f"{stem[-1]}_scales"), target.layer, chunk, np.stack([s for _, s in packed])), 0
+    *parent, name = target.path
+    for part, pieces, read in (("_blocks", [b for b, _ in packed], experts.nbytes), ("_scales", [s for _, s in packed], 0)):
+        yield ((*parent, name.replace("_weight", part)), target.layer, chunk, np.stack(pieces)), read
 
 
 def _replace(staging: Path, dst: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from convert.safetensors_io import CheckpointError, StoredTensor, read_header
 from gptoss_jax import layouts
+from gptoss_jax.checkpoint import row_chunks
 from gptoss_jax.config import GptOssConfig
 
 INDEX = "model.safetensors.index.json"
@@ -122,6 +123,6 @@ def _check_tensors(source: Source) -> None:
             raise CheckpointError(f"tensor {name} in {tensor.file.name} holds scale byte 255 (NaN in E8M0)")
 
 
-def _contains(tensor: StoredTensor, byte: int, chunk_bytes: int = 64 * 2**20) -> bool:
-    step = max(1, chunk_bytes * tensor.shape[0] // max(tensor.nbytes, 1))
-    return any(np.any(tensor.read(i, min(i + step, tensor.shape[0])) == byte) for i in range(0, tensor.shape[0], step))
+def _contains(tensor: StoredTensor, byte: int) -> bool:
+    row_bytes = tensor.nbytes // tensor.shape[0]
+    return any(np.any(tensor.read(start, stop) == byte) for start, stop in row_chunks(tensor.shape[0], row_bytes))
