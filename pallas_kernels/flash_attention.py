@@ -106,9 +106,8 @@ def _logits2(q, k, rows, cols, geo: _Geometry) -> jax.Array:
 def _tile_range(lo, hi, length: int, block: int) -> tuple[jax.Array, jax.Array]:
     """[first, end) of the tiles of `block` covering indices lo..hi clipped to [0, length); empty if hi < lo."""
     lo, hi = jnp.maximum(lo, 0), jnp.minimum(hi, length - 1)
-    first = lax.div(lo, block)
-    end = lax.div(jnp.maximum(hi + 1, 0) + block - 1, block)  # non-negative operands: lax.div is floor here
-    return first, jnp.maximum(first, end)
+    first = lax.div(lo, block)  # lax.div truncates; lo >= 0, and hi >= 0 where its quotient is used
+    return first, jnp.where(hi >= lo, lax.div(hi + block, block), first)
 
 
 def _key_tiles(geo: _Geometry, q_start, k_start, t0):
@@ -122,6 +121,7 @@ def _query_tiles(geo: _Geometry, q_start, k_start, s0):
     """The query tiles that can see keys s0 .. s0 + block_k - 1 (band skipping)."""
     k_first, k_last = k_start + s0, k_start + jnp.minimum(s0 + geo.block_k, geo.S) - 1
     q_last = geo.T - 1 + q_start if geo.window is None else k_last + geo.window - 1
+    q_last = jnp.where(k_last >= 0, q_last, -1)  # every key of the tile absent: no query sees it
     return _tile_range(jnp.maximum(k_first, 0) - q_start, q_last - q_start, geo.T, geo.block_q)
 
 
