@@ -186,21 +186,23 @@ def grouped_matmul(
     row_scale: jax.Array | None = None,
     *,
     epilogue: str,
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    alpha: float | None = None,
+    limit: float | None = None,
     block_sizes: BlockSizes | None = None,
     backend: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Per-expert `x_rows @ W_e.T + b_e` with the fused `epilogue`; `[M, N/2]` ("swiglu") or `[M, N]` ("scale").
 
-    `row_scale [M]` is required for "scale". Rows past sum(group_sizes) come out as zeros.
+    `row_scale [M]` is required for "scale", `alpha` and `limit` for "swiglu". Rows past sum(group_sizes) come out as zeros.
     Operands run in `x.dtype`, accumulation in float32, output in `x.dtype`.
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue {epilogue!r} not in {EPILOGUES}")
     if (epilogue == "scale") != (row_scale is not None):
         raise ValueError("row_scale is required by, and only by, the 'scale' epilogue")
+    if epilogue == "swiglu" and (alpha is None or limit is None):
+        raise ValueError("the 'swiglu' epilogue needs alpha and limit")
     num_experts, n, groups, _ = blocks.shape
     rows, k = x.shape
     if k != groups * BLOCK or scales.shape != blocks.shape[:3] or bias.shape != (num_experts, n):

@@ -1,0 +1,185 @@
+"""MXFP4 Pallas kernels (pallas_kernels.mxfp4 / grouped_matmul / moe) against the XLA references.
+
+Numerics run in interpret mode for both kernel flavours ("gpu" = Pallas Triton, "tpu" = Mosaic with
+scalar prefetch). The generic interpreter fills never-written output elements with NaN, so "no NaN"
+proves every element was stored (`test_interpreter_poisons_unwritten_outputs` shows the check can fail).
+Lowering for H100 and TPU at real gpt-oss-20b shapes runs on abstract shapes (allocates nothing).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from gptoss_jax import moe
+from gptoss_jax import mxfp4 as reference
+from lowering import assert_lowers
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import moe as pallas_moe
+from pallas_kernels import mxfp4
+
+BACKENDS = ("gpu", "tpu")
+ALPHA, LIMIT = 1.702, 7.0
+PLATFORM = {"gpu": "cuda", "tpu": "tpu"}
+
+
+def _bits(a: jax.Array) -> np.ndarray:
+    return np.asarray(jax.lax.bitcast_convert_type(a, {4: jnp.uint32, 2: jnp.uint16}[a.dtype.itemsize]))
+
+
+def _packed(rng, *shape, scale_range=(116, 124)):
+    """Random blocks and scales of a `[*shape]` weight (shape[-1] % 32 == 0); values up to 6 * 2^-4, as trained ones."""
+    *lead, k = shape
+    blocks = rng.integers(0, 256, (*lead, k // 32, 16), dtype=np.uint8)
+    return blocks, rng.integers(*scale_range, (*lead, k // 32), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dequantize_every_byte_and_scale_bit_exact(dtype, backend):
+    # Every byte value under every scale 2..254 (253 rows of 512 values; 254's top codes overflow to inf
+    # in both, consistently), plus a random weight with leading dims, K = 32 * 3 and a ragged row tail.
+    scales = np.repeat(np.arange(2, 255, dtype=np.uint8)[:, None], 16, axis=1)
+    blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 16, 16), (*scales.shape, 16))
+    random_blocks, random_scales = _packed(np.random.default_rng(0), 3, 37, 96)
+    for b, s in ((blocks, scales), (random_blocks, random_scales)):
+        got = mxfp4.dequantize(b, s, dtype, backend=backend, interpret=True)
+        want = reference.dequantize(b, s, dtype)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(_bits(got), _bits(want))  # exact: compare the bit patterns
+
+
+def test_interpreter_poisons_unwritten_outputs():
+    def write_first_half(o_ref):
+        o_ref[:4] = jnp.ones((4, 8), jnp.float32)
+
+    out = pl.pallas_call(write_first_half, out_shape=jax.ShapeDtypeStruct((8, 8), jnp.float32), interpret=True)()
+    assert np.isnan(out[4:]).all() and (out[:4] == 1).all()
+
+
+def test_k_steps_cover_k_in_power_of_two_steps():
+    assert gm.k_steps(2880, 128) == [(0, 128, 22), (2816, 64, 1)]
+    assert gm.k_steps(96, 128) == [(0, 64, 1), (64, 32, 1)]
+
+
+# (group sizes, N, K, block sizes): empty experts, a group spanning 2+ row tiles, groups straddling
+# tiles, rows past sum(group_sizes), odd E, N tails (96 = 64 + 32; 48 = 32 + 16), K = 32 * odd.
+CASES = {
+    "E5": ([7, 0, 19, 3, 6], 96, 160, gm.BlockSizes(m=16, n=64, k=64), 40),
+    "E7": ([0, 2, 0, 17, 1, 0, 1], 48, 96, gm.BlockSizes(m=16, n=32, k=32), 21),
+}
+
+
+def _grouped_reference(x, group_sizes, blocks, scales, bias, epilogue, row_scale=None):
+    """Per-row matmul with the row's expert, decoded by the XLA reference, in float64; zeros past the groups."""
+    rows = int(np.sum(group_sizes))
+    group_R = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    w_ENK = np.asarray(reference.dequantize(blocks, scales, jnp.float32), np.float64)
+    u_RN = np.einsum("rk,rnk->rn", np.asarray(x[:rows], np.float64), w_ENK[group_R]) + bias[group_R]
+    if epilogue == "swiglu":
+        y_RN = np.asarray(moe.clamped_swiglu(u_RN, ALPHA, LIMIT))
+    else:
+        y_RN = u_RN * row_scale[:rows, None]
+    return np.concatenate([y_RN, np.zeros((x.shape[0] - rows, y_RN.shape[1]))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("epilogue", gm.EPILOGUES)
+@pytest.mark.parametrize("case,dtype", [("E5", jnp.float32), ("E5", jnp.bfloat16), ("E7", jnp.float32)])
+def test_grouped_matmul_matches_per_row_reference(case, dtype, epilogue, backend):
+    sizes, n, k, block_sizes, m = CASES[case]
+    rng = np.random.default_rng(1)
+    blocks, scales = _packed(rng, len(sizes), n, k)
+    bias = rng.standard_normal((len(sizes), n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    row_scale = rng.random(m).astype(np.float32) if epilogue == "scale" else None
+    xd = jnp.asarray(x, dtype)
+    got = gm.grouped_matmul(
+        xd, jnp.asarray(sizes, jnp.int32), blocks, scales, bias, row_scale, epilogue=epilogue, alpha=ALPHA,
+        limit=LIMIT, block_sizes=block_sizes, backend=backend, interpret=True,
+    )
+    want = _grouped_reference(np.asarray(xd.astype(jnp.float32)), sizes, blocks, scales, bias, epilogue, row_scale)
+    got = np.asarray(got.astype(jnp.float32))
+    assert got.shape == want.shape and not np.isnan(got).any()  # every element written
+    assert (got[sum(sizes):] == 0).all()  # rows past the groups are zeros
+    scale = np.abs(want).max()
+    # float32: same inputs, float32 accumulation over K <= 160 vs float64: ~1e-6 of the largest value.
+    # bf16: same bf16 inputs and exact weights, so the error is the output's rounding to bf16 (2^-9
+    # relative) plus float32 accumulation: bounded by 2^-8 of each value + 1e-5 of the largest.
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-5 * scale)
+
+
+def _packed_experts(rng, num_experts, hidden, intermediate):
+    mlp1 = moe.PackedMatrices(*map(jnp.asarray, _packed(rng, num_experts, 2 * intermediate, hidden)))
+    mlp2 = moe.PackedMatrices(*map(jnp.asarray, _packed(rng, num_experts, hidden, intermediate)))
+    bias1 = jnp.asarray(rng.standard_normal((num_experts, 2 * intermediate)), jnp.float32)
+    bias2 = jnp.asarray(rng.standard_normal((num_experts, hidden)), jnp.float32)
+    return moe.Experts(mlp1, bias1, mlp2, bias2, alpha=ALPHA, limit=LIMIT)
+
+
+@pytest.mark.parametrize(
+    "tokens,backend",
+    [(1, "gpu"), (3, "tpu"), (40, "gpu"), pytest.param(40, "tpu", marks=pytest.mark.slow)],
+    ids=["decode1", "decode3-tpu", "prefill", "prefill-tpu"],
+)
+def test_experts_mlp_matches_gather(tokens, backend):
+    # 7 experts choose 3 (a decode step leaves most experts empty), H=64, I=96 (mlp2's K = 32 * 3).
+    num_experts, top_k, hidden, intermediate = 7, 3, 64, 96
+    rng = np.random.default_rng(tokens)
+    experts = _packed_experts(rng, num_experts, hidden, intermediate)
+    x_MH = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32) * 0.3
+    experts_MK = jnp.asarray(np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k], jnp.int32)
+    weights_MK = jax.nn.softmax(jnp.asarray(rng.standard_normal((tokens, top_k)), jnp.float32))
+    got = pallas_moe.experts_mlp(
+        x_MH, experts_MK, weights_MK, experts.mlp1.blocks, experts.mlp1.scales, experts.mlp1_bias,
+        experts.mlp2.blocks, experts.mlp2.scales, experts.mlp2_bias, alpha=ALPHA, limit=LIMIT,
+        backend=backend, interpret=True,
+    )
+    want = moe.gather(experts, x_MH[None], experts_MK[None], weights_MK[None])[0]
+    # float32 both; only the summation order differs (K = 64 then 96, 3 experts): 1e-5 of the largest value.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# gpt-oss-20b: E = 32, H = I = 2880 (K = 90 blocks of 32), mlp1 N = 5760.
+E20, H20 = 32, 2880
+S = jax.ShapeDtypeStruct
+
+
+def _weights(n, k):
+    return S((E20, n, k // 32, 16), jnp.uint8), S((E20, n, k // 32), jnp.uint8), S((E20, n), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_dequantize_lowers(platform):
+    blocks, scales, _ = _weights(2 * H20, H20)
+    backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    assert_lowers(mxfp4.dequantize, blocks, scales, platform=platform, backend=backend)
+
+
+@pytest.mark.parametrize("rows", [16, 4096], ids=["decode", "prefill"])  # the two block-size regimes
+@pytest.mark.parametrize("epilogue", gm.EPILOGUES)
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_grouped_matmul_lowers(platform, epilogue, rows):
+    n = 2 * H20 if epilogue == "swiglu" else H20
+    row_scale = (S((rows,), jnp.float32),) if epilogue == "scale" else ()
+    args = (S((rows, H20), jnp.bfloat16), S((E20,), jnp.int32), *_weights(n, H20), *row_scale)
+    backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    assert_lowers(gm.grouped_matmul, *args, platform=platform, epilogue=epilogue, alpha=ALPHA, limit=LIMIT,
+                  backend=backend)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_experts_mlp_lowers(platform):
+    tokens, top_k = 8, 4
+    args = (
+        S((tokens, H20), jnp.bfloat16), S((tokens, top_k), jnp.int32), S((tokens, top_k), jnp.bfloat16),
+        *_weights(2 * H20, H20), *_weights(H20, H20),
+    )
+    backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    assert_lowers(pallas_moe.experts_mlp, *args, platform=platform, alpha=ALPHA, limit=LIMIT, backend=backend)
