@@ -1,0 +1,58 @@
+"""The bandwidth-bound decode ceiling: memory bandwidth of this machine and bytes a decode step must read.
+
+At batch 1 and 8 a decode step does a few flops per weight byte, so it can go no faster than
+reading everything it touches once: the active experts (packed), attention, router, norms and
+unembedding (bf16), one embedding row per sequence, and the KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import GptOss, GptOssConfig
+
+
+def copy_bandwidth(total_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second moved by a large copy (read + write, best of `repeats`), on every core at once."""
+    src = np.ones(total_bytes // 8, np.float64)
+    dst = np.zeros_like(src)
+    threads = os.cpu_count() or 1
+    slices = [slice(i * len(src) // threads, (i + 1) * len(src) // threads) for i in range(threads)]
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:  # numpy copies release the GIL
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(lambda part: np.copyto(dst[part], src[part]), slices))
+            best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def abstract_model(config: GptOssConfig, expert_format: str) -> GptOss:
+    return nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), expert_format=expert_format))
+
+
+def experts_touched(config: GptOssConfig, batch: int) -> float:
+    """Expected distinct experts per layer when `batch` tokens each pick `experts_per_token` uniformly."""
+    untouched = (1 - config.experts_per_token / config.num_experts) ** batch
+    return config.num_experts * (1 - untouched)
+
+
+def decode_bytes_per_step(model: GptOss, batch: int, context: int) -> float:
+    """Bytes one decode step of `batch` sequences reads, with `context` tokens cached per sequence."""
+    config, total = model.config, 0.0
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        value, name = variable.get_value(), str(path[-1])
+        nbytes = value.size * value.dtype.itemsize
+        if name == "embedding":
+            nbytes *= batch / config.vocab_size
+        elif name.startswith(("mlp1", "mlp2")):  # expert tensors: [layers, E, ...]
+            nbytes *= experts_touched(config, batch) / config.num_experts
+        total += nbytes
+    cache = jax.eval_shape(lambda: model.init_cache(batch, context))
+    return total + sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
