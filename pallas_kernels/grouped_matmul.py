@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, decode, largest_pow2_divisor, platform
+from pallas_kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, decode, platform
 
 EPILOGUES = ("swiglu", "scale")
 
