@@ -275,6 +275,7 @@ def _flash_fwd(geo, interpret, q, k, v, sinks, q_start, k_start):
 
 def _flash_bwd(geo, interpret, residuals, do):
     q, k, v, sinks, q_start, k_start, o, lse2 = residuals
+    # FA2's D_i = do_i . o_i, the softmax-Jacobian term of every row; one fused XLA reduction.
     delta = jnp.einsum("btngd,btngd->btng", o.astype(jnp.float32), do.astype(jnp.float32))
     dq, dk, dv = _backward(geo, interpret, q, k, v, q_start, k_start, do, lse2, delta)
     # d out / d sink = -p_sink * out, with p_sink = exp(sink - lse) = exp2(sink * log2(e) - lse2).
