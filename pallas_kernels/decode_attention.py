@@ -12,9 +12,11 @@ slot holding a visible key (one pass over `k_pos`, 4 bytes per slot against 4*N*
 the splits share only the tiles between them. A full cache with 4k of 128k slots filled reads 4k keys;
 a ring, whose visible slots may sit anywhere, is still masked key by key from `k_pos`.
 
-Targets H100 through the Pallas Triton backend. TPU is not supported: the kernel relies on masked
-loads of ragged tiles (`pltriton.load(mask=...)`) and on squeezed kv-head block dims, neither of which
-Mosaic TPU lowers; TPU decode should use splash / ragged paged attention instead.
+Targets H100 through the Pallas Triton backend. TPU is not supported, and a port would be a different
+kernel: Mosaic rejects the per-kv-head K/V block (the cache is [B, S, N, D], so a block of one kv head
+has a squeezed second-minor dim, against TPU's (8, 128) tiling rule; checked by lowering for TPU), and
+its lowering of masked loads, which the ragged tiles rely on, raises NotImplementedError. TPU decode
+can use splash or ragged paged attention, which take sinks or windows, instead.
 """
 
 from __future__ import annotations
@@ -152,12 +154,12 @@ def _split_kernel(
 
     def tile(i, carry):
         o, m, l = carry
-        slots = first_slot + i * block_k + jnp.arange(block_k)
-        in_cache = slots < seq_len
+        start = first_slot + i * block_k
+        in_cache = start + jnp.arange(block_k) < seq_len
         kv_mask = in_cache[:, None] & in_dims[None, :]
-        k = pltriton.load(k_ref.at[pl.ds(first_slot + i * block_k, block_k), :], mask=kv_mask, other=0)
-        v = pltriton.load(v_ref.at[pl.ds(first_slot + i * block_k, block_k), :], mask=kv_mask, other=0)
-        k_pos = pltriton.load(k_pos_ref.at[pl.ds(first_slot + i * block_k, block_k)], mask=in_cache, other=-1)
+        k = pltriton.load(k_ref.at[pl.ds(start, block_k), :], mask=kv_mask, other=0)
+        v = pltriton.load(v_ref.at[pl.ds(start, block_k), :], mask=kv_mask, other=0)
+        k_pos = pltriton.load(k_pos_ref.at[pl.ds(start, block_k)], mask=in_cache, other=-1)
         logits = _dot(q, k, contract=1) * scale  # [G_pad, block_k] float32
         logits = jnp.where(_visible(k_pos, q_pos, window)[None, :], logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(axis=1))  # finite: m starts at the float32 minimum
