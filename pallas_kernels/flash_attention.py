@@ -304,10 +304,11 @@ def flash_attention(
     """Attention with sinks, `o_BTNGD`; the same numbers as `gptoss_jax.model.attend` with query positions
     `q_start_B[:, None] + arange(T)` and key positions `k_start_B[:, None] + arange(S)` (negative = absent).
 
-    Differentiable in q, k, v and sinks. `block_q` counts query positions, so a tile has block_q * G rows
-    (G padded to a power of two): the defaults give gpt-oss (G = 8, head_dim 64) 128 x 64 logit tiles,
-    the FA2 tile for head_dim 64 on H100, and keep the window-128 band to three or four key tiles per
-    query tile. Block sizes must be powers of two with at least 16 rows and 16 keys (Triton's dot minimum).
+    Differentiable in q, k, v and sinks; sinks must be finite (each row's running max starts there).
+    `block_q` counts query positions, so a tile has block_q * G rows (G padded to a power of two): the
+    defaults give gpt-oss (G = 8, head_dim 64) 128 x 64 logit tiles, the FA2 tile for head_dim 64 on
+    H100, and keep the window-128 band to three or four key tiles per query tile. Block sizes must be
+    powers of two with at least 16 rows and 16 keys (Triton's dot minimum).
     """
     B, T, N, G, D = q_BTNGD.shape
     S = k_BSND.shape[1]
