@@ -74,6 +74,21 @@ def test_full_cache_f32(S, N, G, D, window, k_splits):
     np.testing.assert_allclose(out, _reference(q, k, v, sinks, k_pos, q_pos, window), atol=F32_ATOL, rtol=0)
 
 
+def test_tiles_without_visible_keys_are_not_read():
+    """NaN in every tile outside [first, last visible slot] would reach the output if such a tile were
+    read (p = 0 times NaN is NaN); the same shapes as a case above, so no extra compilation."""
+    B, S, window, block_k = 5, 100, 7, 16
+    q, k, v, sinks = _qkv(0, B, S, 2, 3, 16)
+    k_pos, q_pos = _full_cache(1, B, S)
+    tile_BS = jnp.arange(S) // block_k
+    first_visible_tile = jnp.maximum(q_pos - window + 1, 0) // block_k
+    skipped_BS = (tile_BS > q_pos[:, None] // block_k) | (tile_BS < first_visible_tile[:, None])
+    assert int(skipped_BS.sum()) > 0
+    poisoned = [jnp.where(skipped_BS[:, :, None, None], jnp.nan, x) for x in (k, v)]
+    out = decode_attention(q, *poisoned, sinks, k_pos, q_pos, window=window, k_splits=3, block_k=block_k, interpret=True)
+    np.testing.assert_allclose(out, _reference(q, k, v, sinks, k_pos, q_pos, window), atol=F32_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("window, N, G, D", [(1, 3, 5, 24), (5, 1, 3, 16), (7, 2, 4, 16), (128, 3, 2, 16)])
 def test_ring_cache_f32(window, N, G, D):
     """Rows early (empty slots), exactly full, and wrapped several times (slots out of position order)."""
