@@ -31,7 +31,7 @@ def generate(model: transformers.GptOssForCausalLM, prompts: list[list[int]], ne
         out = model(input_ids=tokens_BT[:, chunk : chunk + workload.PREFILL_CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
     token_B1 = _argmax(out.logits)
-    first_token_at, prefill = time.time(), time.perf_counter() - start
+    first_token_at, prefill, first_tokens = time.time(), time.perf_counter() - start, token_B1[:, 0].tolist()
     step_ends = []
     for _ in range(new_tokens - 1):
         token_B1 = _argmax(model(input_ids=token_B1, past_key_values=cache, use_cache=True).logits)
@@ -42,7 +42,7 @@ def generate(model: transformers.GptOssForCausalLM, prompts: list[list[int]], ne
         first_step=step_ends[0] - start - prefill,
         decode=step_ends[-1] - step_ends[0],
         decode_steps=len(step_ends) - 1,
-        first_tokens=out.logits[:, -1].argmax(-1).tolist(),
+        first_tokens=first_tokens,
         first_token_at=first_token_at,
         cache_bytes=sum(t.numel() * t.element_size() for t in held),
     )

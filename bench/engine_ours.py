@@ -22,8 +22,12 @@ import workload
 
 
 def generate(sampler: gptoss_jax.Sampler, prompts: list[list[int]], new_tokens: int) -> workload.Run:
-    stamps = []
-    on_token = lambda row, token: stamps.append(time.time()) if row == 0 else None  # noqa: E731
+    stamps = []  # when each token of row 0 arrived
+
+    def on_token(row: int, token: int) -> None:
+        if row == 0:
+            stamps.append(time.time())
+
     generation = sampler.generate(prompts, max_new_tokens=new_tokens, stop_tokens=(), on_token=on_token)
     cache = jax.eval_shape(lambda: sampler.model.init_cache(len(prompts), len(prompts[0]) + new_tokens))
     return workload.Run(

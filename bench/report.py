@@ -66,7 +66,8 @@ def table(ours: dict, peer: dict | None, cases: list[Case]) -> list[dict]:
         if metric.target is not None:
             target = f"{'>=' if metric.higher_is_better else '<='} {metric.target:g}"
             met = None if mine is None else mine >= metric.target if metric.higher_is_better else mine <= metric.target
-        rows.append({"metric": metric.name, "ours": mine, "peer": theirs, "ratio": ratio, "target": target, "met": met})
+        rows.append({"metric": metric.name, "ours": mine, "peer": theirs, "ratio": ratio, "higher_is_better": metric.higher_is_better,
+                     "target": target, "met": met})
     return rows
 
 

@@ -24,7 +24,7 @@ def prompts(vocab_size: int, length: int, batch: int, seed: int) -> list[list[in
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Wall-clock seconds of one generate call."""
+    """What one generate call measured (times in wall-clock seconds)."""
 
     prefill: float  # the whole prompt, until the first new token is known
     first_step: float  # the first decode step (compiles on a shape's first call)
@@ -40,16 +40,16 @@ Generate = Callable[[list[list[int]], int], Run]  # (prompts, new tokens) -> one
 
 def measure(engine: str, generate: Generate, vocab_size: int, spec: dict) -> dict:
     """Runs every (prompt, batch) case of `spec`, a warm-up and `repeats` timed runs each."""
-    cases, runs_all = [], []
+    cases, first_token_at = [], None
     for prompt in spec["prompts"]:
         for batch in spec["batches"]:
             tokens = prompts(vocab_size, prompt, batch, spec["seed"])
             runs = [generate(tokens, spec["new_tokens"]) for _ in range(1 + spec["repeats"])]
-            runs_all += runs
+            first_token_at = first_token_at or runs[0].first_token_at
             cases.append(summarize(runs, prompt=prompt, batch=batch, new_tokens=spec["new_tokens"]))
             print(f"{engine}: prompt {prompt} batch {batch}: {cases[-1]['decode_tokens_per_s']:.2f} tok/s decode",
                   file=sys.stderr, flush=True)
-    return {"ttft_s": runs_all[0].first_token_at - spec["spawned_at"], "cases": cases}
+    return {"ttft_s": first_token_at - spec["spawned_at"], "cases": cases}
 
 
 def summarize(runs: list[Run], *, prompt: int, batch: int, new_tokens: int) -> dict:
