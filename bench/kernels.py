@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -19,8 +20,9 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
+import kernel_runs
 import numpy as np
+import roofline
 
 from gptoss_jax import GptOssConfig
 
@@ -42,8 +44,7 @@ class Case:
     shape: str
     bytes: float
     flops: float
-    ours: Callable[[], Callable[[], jax.Array]] | None = None  # builds inputs, returns a thunk
-    xla: Callable[[], Callable[[], jax.Array]] | None = None
+    run: Callable[[], kernel_runs.Thunks] | None = None  # builds inputs on the device, returns (ours, xla)
 
     def ideal_seconds(self, device: str) -> float:
         flops_per_s, bytes_per_s = DEVICES[device]
@@ -54,39 +55,32 @@ class Case:
         return "memory" if self.bytes / bytes_per_s >= self.flops / flops_per_s else "compute"
 
 
-def distinct_experts(config: GptOssConfig, tokens: int) -> float:
-    """Expected number of experts a batch touches with uniform routing: E (1 - (1 - K/E)^tokens)."""
-    E, K = config.num_experts, config.experts_per_token
-    return E * (1 - (1 - K / E) ** tokens)
-
-
-def moe_cases(config: GptOssConfig, tokens: int, label: str) -> list[Case]:
-    """mlp1 (+ SwiGLU) and mlp2 (+ routing weight) of one layer, weights read packed once per expert."""
+def moe_case(config: GptOssConfig, tokens: int, label: str) -> Case:
+    """One layer's experts: mlp1 (+ SwiGLU) then mlp2 (+ routing weight), weights read packed once per expert."""
     H, F, I = config.hidden_size, 2 * config.intermediate_size, config.intermediate_size
-    K, experts = config.experts_per_token, distinct_experts(config, tokens)
-    rows = tokens * K
-    cases = []
-    for name, n_out, n_in, n_act in (("mlp1+swiglu", F, H, F // 2), ("mlp2+scale", H, I, H)):
-        weight_bytes = experts * (n_out * n_in * MX_BYTES_PER_VALUE + 2 * n_out)
-        act_bytes = 2 * rows * (n_in + n_act)
-        cases.append(Case(f"grouped mxfp4 {name}", f"{label}: {rows} rows, {experts:.1f} experts, {n_out}x{n_in}",
-                          weight_bytes + act_bytes, 2 * rows * n_out * n_in))
-    return cases
+    K, experts = config.experts_per_token, roofline.experts_touched(config, tokens)
+    rows, total_bytes, flops = tokens * K, 0.0, 0.0
+    for n_out, n_in, n_act in ((F, H, F // 2), (H, I, H)):
+        total_bytes += experts * (n_out * n_in * MX_BYTES_PER_VALUE + 2 * n_out) + 2 * rows * (n_in + n_act)
+        flops += 2 * rows * n_out * n_in
+    return Case("grouped mxfp4 experts", f"{label}: {rows} rows, {experts:.1f} experts", total_bytes, flops,
+                functools.partial(kernel_runs.experts, config, tokens))
 
 
 def dequant_case(config: GptOssConfig) -> Case:
     E, H, F = config.num_experts, config.hidden_size, 2 * config.intermediate_size
     values = E * F * H
-    return Case("mxfp4 dequant -> bf16", f"one layer's mlp1, {E}x{F}x{H}", values * (MX_BYTES_PER_VALUE + 2), values)
+    return Case("mxfp4 dequant -> bf16", f"one layer's mlp1, {E}x{F}x{H}", values * (MX_BYTES_PER_VALUE + 2), values,
+                functools.partial(kernel_runs.dequant, config))
 
 
 def decode_attention_cases(config: GptOssConfig, batch: int) -> list[Case]:
     Q, N, D, W = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.sliding_window
     cases = []
-    for label, keys in (("ring", W + 1), ("full 4k", 4096), ("full 128k", 131072)):
+    for label, keys, window in (("ring", W + 1, W), ("full 4k", 4096, None), ("full 128k", 131072, None)):
         kv_bytes = batch * keys * N * D * 2 * 2
         cases.append(Case("decode attention (split-K)", f"{label}, batch {batch}", kv_bytes + batch * Q * D * 4,
-                          4 * batch * Q * keys * D))
+                          4 * batch * Q * keys * D, functools.partial(kernel_runs.decode, config, batch, keys, window)))
     return cases
 
 
@@ -96,11 +90,13 @@ def prefill_attention_cases(config: GptOssConfig, tokens: int) -> list[Case]:
     causal_pairs = tokens * (tokens + 1) / 2
     band_pairs = sum(min(t + 1, W) for t in range(tokens))
     cases = []
-    for label, pairs in (("causal", causal_pairs), (f"band {W}", band_pairs)):
+    for label, pairs, window in (("causal", causal_pairs, None), (f"band {W}", band_pairs, W)):
         forward = 4 * pairs * Q * D
-        cases.append(Case("flash attention fwd", f"{label}, {tokens} tokens", io_bytes, forward))
-        # backward recomputes the logits and runs four matmuls: ~2.5x the forward FLOPs
-        cases.append(Case("flash attention bwd", f"{label}, {tokens} tokens", 2 * io_bytes, 2.5 * forward))
+        run = functools.partial(kernel_runs.prefill, config, tokens, window)
+        cases.append(Case("flash attention fwd", f"{label}, {tokens} tokens", io_bytes, forward, functools.partial(run, False)))
+        # the backward pass recomputes the logits and runs four matmuls: ~2.5x the forward FLOPs (timed with it)
+        cases.append(Case("flash attention fwd+bwd", f"{label}, {tokens} tokens", 3 * io_bytes, 3.5 * forward,
+                          functools.partial(run, True)))
     return cases
 
 
@@ -109,20 +105,18 @@ def step_cases(config: GptOssConfig) -> list[Case]:
     H, Q, N, D, V, L = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                         config.head_dim, config.vocab_size, config.num_hidden_layers)
     F, I, E, W = 2 * config.intermediate_size, config.intermediate_size, config.num_experts, config.sliding_window
-    attention_params = H * (Q + 2 * N) * D + Q * D * H + (Q + 2 * N) * D + H + Q + 2 * H  # + biases, sinks, norms
-    expert_bytes = (F * H + H * I) * MX_BYTES_PER_VALUE + 2 * (F + H)
+    attention_params = H * (Q + 2 * N) * D + Q * D * H  # the four projections
     expert_params = F * H + H * I
-    router_bytes, unembed_bytes = 2 * E * (H + 1), 2 * V * H
+    model = roofline.abstract_model(config, "mxfp4")
     cases = []
     for batch, context in ((1, 4096), (64, 4096)):
         kv_positions = L // 2 * context + (L + 1) // 2 * W
-        weights = L * (2 * attention_params + router_bytes + distinct_experts(config, batch) * expert_bytes) + unembed_bytes
         flops = 2 * batch * (L * (attention_params + config.experts_per_token * expert_params) + V * H)
         flops += 4 * batch * Q * D * kv_positions
         cases.append(Case("model decode step", f"batch {batch}, context {context}",
-                          weights + batch * kv_positions * N * D * 4, flops))
+                          roofline.decode_bytes_per_step(model, batch, context), flops))
     tokens = 4096
-    weights = L * (2 * attention_params + router_bytes + E * expert_bytes) + unembed_bytes
+    weights = roofline.weight_bytes_read(model, tokens) + roofline.cache_bytes(model, 1, tokens)
     pairs = L // 2 * tokens * (tokens + 1) / 2 + (L + 1) // 2 * sum(min(t + 1, W) for t in range(tokens))
     flops = 2 * tokens * L * (attention_params + config.experts_per_token * expert_params) + 2 * V * H
     cases.append(Case("model prefill", f"{tokens} tokens (logits of the last)", weights, flops + 4 * pairs * Q * D))
@@ -131,8 +125,8 @@ def step_cases(config: GptOssConfig) -> list[Case]:
 
 def all_cases(config: GptOssConfig) -> list[Case]:
     return [
-        *moe_cases(config, 1, "decode b1"), *moe_cases(config, 64, "decode b64"),
-        *moe_cases(config, 4096, "prefill 4096"), dequant_case(config),
+        moe_case(config, 1, "decode b1"), moe_case(config, 64, "decode b64"),
+        moe_case(config, 4096, "prefill 4096"), dequant_case(config),
         *decode_attention_cases(config, 1), *decode_attention_cases(config, 64),
         *prefill_attention_cases(config, 4096), *step_cases(config),
     ]
@@ -164,13 +158,12 @@ def rows_for(cases: list[Case], device: str, measure: bool) -> list[dict]:
     for case in cases:
         row = dict(kernel=case.kernel, shape=case.shape, bytes=case.bytes, flops=case.flops,
                    bound=case.bound(device), ideal_us=case.ideal_seconds(device) * 1e6)
-        if measure:
-            for who, build in (("ours", case.ours), ("xla", case.xla)):
-                if build is not None:
-                    seconds = median_seconds(build())
-                    row[f"{who}_us"] = seconds * 1e6
-                    row[f"{who}_GBps"] = case.bytes / seconds / 1e9
-                    row[f"{who}_TFLOPps"] = case.flops / seconds / 1e12
+        if measure and case.run is not None:
+            for who, thunk in zip(("ours", "xla"), case.run()):
+                seconds = median_seconds(thunk)
+                row[f"{who}_us"] = seconds * 1e6
+                row[f"{who}_GBps"] = case.bytes / seconds / 1e9
+                row[f"{who}_TFLOPps"] = case.flops / seconds / 1e12
         rows.append(row)
     return rows
 

@@ -43,16 +43,25 @@ def experts_touched(config: GptOssConfig, batch: int) -> float:
     return config.num_experts * (1 - untouched)
 
 
-def decode_bytes_per_step(model: GptOss, batch: int, context: int) -> float:
-    """Bytes one decode step of `batch` sequences reads, with `context` tokens cached per sequence."""
+def weight_bytes_read(model: GptOss, tokens: int) -> float:
+    """Parameter bytes a step over `tokens` tokens reads: the experts they touch, one embedding row each."""
     config, total = model.config, 0.0
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         value, name = variable.get_value(), str(path[-1])
         nbytes = value.size * value.dtype.itemsize
         if name == "embedding":
-            nbytes *= batch / config.vocab_size
+            nbytes *= min(tokens, config.vocab_size) / config.vocab_size
         elif name.startswith(("mlp1", "mlp2")):  # expert tensors: [layers, E, ...]
-            nbytes *= experts_touched(config, batch) / config.num_experts
+            nbytes *= experts_touched(config, tokens) / config.num_experts
         total += nbytes
+    return total
+
+
+def cache_bytes(model: GptOss, batch: int, context: int) -> int:
     cache = jax.eval_shape(lambda: model.init_cache(batch, context))
-    return total + sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+
+
+def decode_bytes_per_step(model: GptOss, batch: int, context: int) -> float:
+    """Bytes one decode step of `batch` sequences reads, with `context` tokens cached per sequence."""
+    return weight_bytes_read(model, batch) + cache_bytes(model, batch, context)
