@@ -7,6 +7,8 @@ slow and exist to be tested against the XLA path. Attention picks its kernel by 
   sliding layers' ring included (its slots carry their own positions);
 - several new tokens against a cache (chunked prefill): flash attention with position offsets; a
   ring is first rotated into position order, since flash attention wants keys at consecutive positions.
+On TPU the two cached cases stay on the XLA path (`has_attention_kernel`): those kernels are Pallas
+Triton, and the cache's per-kv-head blocks do not meet Mosaic's (8, 128) tiling.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from pallas_kernels.splash import splash_attention
 def interpret() -> bool:
     """Pallas has no CPU backend: interpret the kernels there."""
     return jax.default_backend() == "cpu"
+
+
+def has_attention_kernel(cached: bool) -> bool:
+    return not cached or jax.default_backend() != "tpu"
 
 
 def attend(
