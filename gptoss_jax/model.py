@@ -46,6 +46,21 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
     return nnx.Param(_normal(rngs, shape, std, dtype), out_sharding=axes, eager_sharding=False)
 
 
+def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
+
+    One token on CPU runs as a float32 multiply-and-sum over w's rows instead: XLA:CPU's dot for a
+    single row is 10-40x slower (its fast GEMM path starts at two rows); both sum in float32.
+    """
+    out_dtype = out_dtype or x.dtype
+    B, T = x.shape[:2]
+    if B * T > 1 or jax.default_backend() != "cpu":
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    kept = w.shape[: w.ndim - (x.ndim - 2)]
+    w_OC = w.reshape(math.prod(kept), -1).astype(jnp.float32)
+    return (w_OC * x.reshape(1, -1).astype(jnp.float32)).sum(-1).reshape(B, T, *kept).astype(out_dtype)
+
+
 class RMSNorm(nnx.Module):
     """`x * rsqrt(mean(x^2) + eps) * scale`, computed in float32 (the scale is stored as the checkpoint has it)."""
 
@@ -155,9 +170,9 @@ class Attention(nnx.Module):
         t = self.norm(x_BTH)
         # q head j = n * G + g belongs to kv head n = j // G (REF and HF alike).
         wq_NGDH, bq_NGD = self.q[...].reshape(N, G, *self.q.shape[1:]), self.q_bias[...].reshape(N, G, -1)
-        q = jnp.einsum("bth,ngdh->btngd", t, wq_NGDH) + bq_NGD
-        k = jnp.einsum("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...]
-        v = jnp.einsum("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...]
+        q = project("bth,ngdh->btngd", t, wq_NGDH) + bq_NGD
+        k = project("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...]
+        v = project("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...]
         q_BTNGD, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
             keys, values, k_pos = k, v, q_pos_BT
@@ -166,7 +181,7 @@ class Attention(nnx.Module):
             k_pos = plan.key_positions
         o_BTNGD = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, self.sinks[...].reshape(N, G), self.window)
         wo_HNGD = self.out[...].reshape(self.out.shape[0], N, G, -1)
-        return x_BTH + jnp.einsum("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...], cache
+        return x_BTH + project("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...], cache
 
 
 class MoE(nnx.Module):
@@ -313,7 +328,7 @@ class GptOss(nnx.Module):
 
     def _logits(self, x_BTH: jax.Array) -> jax.Array:
         # float32 logits: sampling and log-probs need more than bf16's 8 bits of mantissa.
-        return jnp.einsum("bth,vh->btv", self.norm(x_BTH), self.unembedding[...], preferred_element_type=jnp.float32)
+        return project("bth,vh->btv", self.norm(x_BTH), self.unembedding[...], jnp.float32)
 
     def _layers(self, x_BTH, positions_BT, plans, cache: KVCache | None):
         """Runs the layers as a scan over (sliding, full) pairs, then a last sliding layer if L is odd.

@@ -3,11 +3,14 @@
 Two implementations with the same math, neither of which ever holds a dequantized copy of a whole
 layer's experts:
 - `gather`: each token decodes only the K experts it selected. Best when few tokens run (decode).
+- `matvec`: the same selection as a loop of float32 matrix-vector products that decode with the
+  output axis innermost; on XLA:CPU 11x faster than `gather` for decode (gather's batched dot and
+  row-wise decode run far below memory bandwidth there).
 - `expert_scan`: a scan over experts; each step decodes one expert and applies it to every token,
   weighting by the routing weight (0 for tokens that did not pick it). E/K times the needed FLOPs.
 - `grouped`: the (token, expert) copies sorted by expert; each expert is decoded once and applied
   only to the rows routed to it, in row tiles. For prefill.
-`auto` picks `gather` when the selected experts are fewer than all experts, else `grouped`.
+`auto` picks `gather` (`matvec` on CPU) when the selected experts are fewer than all experts, else `grouped`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax.mxfp4 import dequantize
+from gptoss_jax.mxfp4 import dequantize, scale_to_float32
 
-IMPLS = ("auto", "gather", "expert_scan", "grouped")
+IMPLS = ("auto", "gather", "matvec", "expert_scan", "grouped")
 EXPERT_FORMATS = ("mxfp4", "bf16")
 
 
@@ -38,6 +41,22 @@ class PackedMatrices:
         """`[..., out, in]` decoded."""
         return dequantize(self.blocks, self.scales, dtype)
 
+    def matvec(self, expert: jax.Array, x_C: jax.Array) -> jax.Array:
+        """`W[expert] @ x` in float32: a loop over the in/32 blocks, each decoded with the output axis
+        innermost (a transposed copy of one expert), so XLA:CPU vectorizes over outputs; 11x faster
+        there than decoding [out, in] rows and reducing along them."""
+        blocks_GJO = jnp.transpose(self.blocks[expert], (1, 2, 0))  # J: the 16 bytes of a block
+        scales_GO = scale_to_float32(self.scales[expert]).T
+        x_GJ2 = x_C.astype(jnp.float32).reshape(*blocks_GJO.shape[:2], 2)  # low nibble first
+
+        def one_block(g, y_O):
+            b_JO, x_J2 = blocks_GJO[g], x_GJ2[g]
+            pairs_O = (_fp4_over_2_14(b_JO & 0x0F) * x_J2[:, :1] + _fp4_over_2_14(b_JO >> 4) * x_J2[:, 1:]).sum(0)
+            return y_O + pairs_O * scales_GO[g]
+
+        y_O = jax.lax.fori_loop(0, blocks_GJO.shape[0], one_block, jnp.zeros(blocks_GJO.shape[-1], jnp.float32), unroll=4)
+        return y_O * 2.0**14
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +72,21 @@ class DenseMatrices:
         """`[..., out, in]`; XLA folds the transpose into the matmul."""
         return jnp.swapaxes(self.weight, -1, -2).astype(dtype)
 
+    def matvec(self, expert: jax.Array, x_C: jax.Array) -> jax.Array:
+        """`W[expert] @ x` in float32, reducing over the stored [in, out]'s major axis (vectorized over outputs)."""
+        return (self.weight[expert].astype(jnp.float32) * x_C.astype(jnp.float32)[:, None]).sum(0)
+
 
 Matrices = PackedMatrices | DenseMatrices
+
+
+def _fp4_over_2_14(codes: jax.Array) -> jax.Array:
+    """E2M1 codes (uint8, 0..15) -> their values / 2^14 in float32, exactly, without a gather or select:
+    sign, exponent and mantissa bits moved into a float16's are that float16 (code 1 = 0.5 lands on
+    its subnormal 2^-15, which the conversion keeps)."""
+    codes = codes.astype(jnp.uint16)
+    half = jax.lax.bitcast_convert_type(((codes & 8) << 12) | ((codes & 7) << 9), jnp.float16)
+    return half.astype(jnp.float32)
 
 
 @jax.tree_util.register_dataclass
@@ -87,6 +119,26 @@ def gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_B
     w2_BTKHI = experts.mlp2.take(experts_BTK).weights(dtype)
     y_BTKH = jnp.einsum("btki,btkhi->btkh", act_BTKI, w2_BTKHI) + experts.mlp2_bias[experts_BTK]
     return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
+
+
+def matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """A loop over the selected (token, expert) pairs, each two float32 matrix-vector products (`matvec`
+    of the matrices); pairs with routing weight 0 (another shard's experts) are skipped."""
+    dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
+    expert_P, weight_P = experts_BTK.reshape(-1), weights_BTK.reshape(-1)
+    t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)
+
+    def one_pair(e, t_H):
+        u_F = experts.mlp1.matvec(e, t_H).astype(dtype) + experts.mlp1_bias[e]
+        act_I = clamped_swiglu(u_F, experts.alpha, experts.limit)
+        return experts.mlp2.matvec(e, act_I).astype(dtype) + experts.mlp2_bias[e]
+
+    def pair(p, y_PH):
+        y_H = jax.lax.cond(weight_P[p] != 0, one_pair, lambda e, t: jnp.zeros_like(t), expert_P[p], t_PH[p])
+        return y_PH.at[p].set(y_H)
+
+    y_PH = jax.lax.fori_loop(0, expert_P.size, pair, jnp.zeros_like(t_PH))
+    return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
 
 
 def expert_scan(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
@@ -187,6 +239,7 @@ def apply_experts(
     """Σ_k w_k · (W2[e_k] · swiglu(W1[e_k] · t + b1[e_k]) + b2[e_k]) with the chosen implementation."""
     if impl == "auto":
         num_experts = experts.mlp1_bias.shape[0]
-        impl = "gather" if experts_BTK.size < num_experts else "grouped"
-    impls = {"gather": gather, "expert_scan": expert_scan, "grouped": grouped}
+        few = "matvec" if jax.default_backend() == "cpu" else "gather"
+        impl = few if experts_BTK.size < num_experts else "grouped"
+    impls = {"gather": gather, "matvec": matvec, "expert_scan": expert_scan, "grouped": grouped}
     return impls[impl](experts, t_BTH, experts_BTK, weights_BTK)

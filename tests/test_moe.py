@@ -1,0 +1,85 @@
+"""`moe.matvec` (a loop of float32 matrix-vector products, the CPU decode path) equals `moe.gather`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_jax import moe
+
+E, K, H, I = 5, 3, 96, 160  # every width differs (and in/32 = 3, 5 blocks), so a swapped axis shows
+
+# float32 on both sides with the same products (MXFP4 decodes exactly): only the summation order of
+# the H- and I-long dot products differs (~1e-7 relative each, outputs ~1-10). 1e-5 is far below any
+# decode, orientation or routing bug, which moves outputs by O(1).
+TOL = 1e-5
+
+
+def _experts(expert_format: str, rng: np.random.Generator) -> moe.Experts:
+    def matrices(out: int, inner: int) -> moe.Matrices:
+        if expert_format == "mxfp4":  # [E, out, in] packed: every byte value (all 16 codes in both nibbles)
+            blocks = rng.integers(0, 256, (E, out, inner // 32, 16), dtype=np.uint8)
+            scales = rng.integers(122, 128, (E, out, inner // 32), dtype=np.uint8)  # 2^-5..2^0
+            return moe.PackedMatrices(jnp.asarray(blocks), jnp.asarray(scales))
+        return moe.DenseMatrices(jnp.asarray(rng.standard_normal((E, inner, out), np.float32) * inner**-0.5))
+
+    bias = lambda width: jnp.asarray(rng.standard_normal((E, width), np.float32) * 0.1)  # noqa: E731
+    return moe.Experts(matrices(2 * I, H), bias(2 * I), matrices(H, I), bias(H), alpha=1.702, limit=7.0)
+
+
+def _routing(B: int, T: int, rng: np.random.Generator):
+    """Tokens, K distinct experts per token, softmax weights."""
+    experts_BTK = np.argsort(rng.random((B, T, E)), axis=-1)[..., :K]
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((B, T, K)), jnp.float32), axis=-1)
+    tokens = jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)
+    return tokens, jnp.asarray(experts_BTK, jnp.int32), weights
+
+
+def _close(actual, reference):
+    scale = float(jnp.abs(reference).max())
+    assert scale > 0.1
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(reference), rtol=TOL, atol=TOL * scale)
+
+
+@pytest.mark.parametrize("expert_format", ["mxfp4", "bf16"])
+@pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 3)])  # decode, batched decode, a few tokens
+def test_matvec_matches_gather(expert_format, B, T):
+    rng = np.random.default_rng(B * 10 + T)
+    experts = _experts(expert_format, rng)
+    tokens, experts_BTK, weights = _routing(B, T, rng)
+    out = jax.jit(moe.matvec)(experts, tokens, experts_BTK, weights)
+    _close(out, jax.jit(moe.gather)(experts, tokens, experts_BTK, weights))
+
+
+@pytest.mark.parametrize("expert_format", ["mxfp4", "bf16"])
+def test_matrix_matvec_matches_decoded_weights(expert_format):
+    """Each stored matrix's `matvec` against its decoded `weights` (for MXFP4 the `mxfp4.dequantize`
+    reference), every expert, so the float16 code trick and the block transpose are checked alone."""
+    rng = np.random.default_rng(7)
+    mlp1 = _experts(expert_format, rng).mlp1
+    x = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    for e in range(E):
+        reference = mlp1.weights(jnp.float32)[e] @ x
+        _close(jax.jit(mlp1.matvec)(jnp.int32(e), x), reference)
+
+
+def test_zero_weight_pairs_are_skipped():
+    """Expert-parallel decode gives other shards' experts weight 0 (and id 0): they must not be computed,
+    so a token whose every pair has weight 0 comes out 0 even when its values would overflow."""
+    rng = np.random.default_rng(3)
+    experts = _experts("mxfp4", rng)
+    tokens, experts_BTK, weights = _routing(2, 1, rng)
+    weights = weights.at[1].set(0.0)
+    poisoned = tokens.at[1].set(jnp.inf)
+    out = np.asarray(jax.jit(moe.matvec)(experts, poisoned, experts_BTK, weights))
+    assert (out[1] == 0).all()
+    _close(out[:1], moe.gather(experts, tokens[:1], experts_BTK[:1], weights[:1]))
+
+
+def test_auto_picks_matvec_for_decode_on_cpu():
+    assert jax.default_backend() == "cpu"
+    rng = np.random.default_rng(5)
+    experts = _experts("mxfp4", rng)
+    args = (experts, *_routing(1, 1, rng))
+    auto = jax.jit(lambda *a: moe.apply_experts("auto", *a))(*args)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(jax.jit(moe.matvec)(*args)))  # the same program
