@@ -49,16 +49,19 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
 def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
 
-    One token on CPU runs as a float32 multiply-and-sum over w's rows instead: XLA:CPU's dot for a
-    single row is 10-40x slower (its fast GEMM path starts at two rows); both sum in float32.
+    One token on CPU runs as a float32 multiply-and-sum over w's trailing axes instead: XLA:CPU's dot
+    for a single row is 10-40x slower (its fast GEMM path starts at two rows); both sum in float32.
+    w is not reshaped (a reshaped operand inside the fusion makes it 8x slower again) and the product
+    keeps the [B, T, ...] shape of the output (1.5x faster on the unembedding than a flat vector).
     """
     out_dtype = out_dtype or x.dtype
     B, T = x.shape[:2]
     if B * T > 1 or jax.default_backend() != "cpu":
         return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-    kept = w.shape[: w.ndim - (x.ndim - 2)]
-    w_OC = w.reshape(math.prod(kept), -1).astype(jnp.float32)
-    return (w_OC * x.reshape(1, -1).astype(jnp.float32)).sum(-1).reshape(B, T, *kept).astype(out_dtype)
+    kept = w.ndim - (x.ndim - 2)
+    x_BT1C = x.reshape(B, T, *(1,) * kept, *x.shape[2:]).astype(jnp.float32)
+    y = (w.astype(jnp.float32)[None, None] * x_BT1C).sum(tuple(range(2 + kept, 2 + w.ndim)))
+    return y.astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
