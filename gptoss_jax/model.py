@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import moe, sharding
+from gptoss_jax import kernels, moe, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
 from gptoss_jax.mxfp4 import BLOCK
 
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas")  # reference einsums, or pallas_kernels via `kernels.attend`
 
 
 class Packed(nnx.Variable):
@@ -150,9 +150,9 @@ def attend(
 class Attention(nnx.Module):
     """Pre-norm GQA attention with sinks and residual: `x + out(attend(rope(q), rope(k), v))`."""
 
-    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, impl: str, rngs: nnx.Rngs):
         H, Q, N, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.config, self.window = config, config.sliding_window if sliding else None
+        self.config, self.window, self.impl = config, config.sliding_window if sliding else None, impl
         self.norm = RMSNorm(config, dtype)
         std = H**-0.5
         self.q = _param(rngs, (Q, D, H), ("q_heads", "head_dim", "embed"), dtype, std)
@@ -182,7 +182,11 @@ class Attention(nnx.Module):
         else:
             keys, values, cache = cache.attend_to(plan, k, v)
             k_pos = plan.key_positions
-        o_BTNGD = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, self.sinks[...].reshape(N, G), self.window)
+        sinks_NG = self.sinks[...].reshape(N, G)
+        if self.impl == "pallas" and kernels.has_attention_kernel(cached=cache is not None):
+            o_BTNGD = kernels.attend(q_BTNGD, keys, values, q_pos_BT, plan, sinks_NG, self.window)
+        else:
+            o_BTNGD = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, sinks_NG, self.window)
         wo_HNGD = self.out[...].reshape(self.out.shape[0], N, G, -1)
         return x_BTH + project("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...], cache
 
@@ -239,8 +243,11 @@ def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, s
 class Block(nnx.Module):
     """One transformer layer: attention then MoE, each with its own pre-norm and residual."""
 
-    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, moe_impl: str, expert_format: str, rngs: nnx.Rngs):
-        self.attn = Attention(config, sliding=sliding, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, config: GptOssConfig, *, sliding: bool, dtype, attention_impl: str, moe_impl: str, expert_format: str,
+        rngs: nnx.Rngs,
+    ):
+        self.attn = Attention(config, sliding=sliding, dtype=dtype, impl=attention_impl, rngs=rngs)
         self.mlp = MoE(config, dtype=dtype, impl=moe_impl, expert_format=expert_format, rngs=rngs)
 
     def __call__(self, x_BTH, rope, q_pos_BT, plan, cache):
@@ -286,11 +293,13 @@ class GptOss(nnx.Module):
             raise ValueError(f"unknown moe_impl {moe_impl!r}; choose one of {moe.IMPLS}")
         if expert_format not in moe.EXPERT_FORMATS:
             raise ValueError(f"unknown expert_format {expert_format!r}; choose one of {moe.EXPERT_FORMATS}")
+        if moe_impl == "pallas" and expert_format != "mxfp4":
+            raise ValueError("moe_impl='pallas' runs MXFP4-packed experts; use expert_format='mxfp4'")
         V, H, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
         self.config, self.dtype = config, jnp.dtype(dtype)
         self.embedding = _param(rngs, (V, H), ("vocab", "embed"), dtype, 1.0)
         self.expert_format = expert_format
-        blocks = dict(dtype=dtype, moe_impl=moe_impl, expert_format=expert_format, rngs=rngs)
+        blocks = dict(dtype=dtype, attention_impl=attention_impl, moe_impl=moe_impl, expert_format=expert_format, rngs=rngs)
         self.sliding_blocks = _stacked_blocks(config, (L + 1) // 2, sliding=True, **blocks)
         self.full_blocks = _stacked_blocks(config, L // 2, sliding=False, **blocks) if L > 1 else None
         self.norm = RMSNorm(config, dtype)

@@ -10,6 +10,7 @@ layer's experts:
   weighting by the routing weight (0 for tokens that did not pick it). E/K times the needed FLOPs.
 - `grouped`: the (token, expert) copies sorted by expert; each expert is decoded once and applied
   only to the rows routed to it, in row tiles. For prefill.
+- `pallas`: the grouped MXFP4 kernels of `pallas_kernels` (packed experts only; see `kernels.py`).
 `auto` picks `gather` (`matvec` on CPU) when the selected experts are fewer than all experts, else `grouped`.
 """
 
@@ -20,9 +21,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax import kernels
 from gptoss_jax.mxfp4 import dequantize, scale_to_float32
 
-IMPLS = ("auto", "gather", "matvec", "expert_scan", "grouped")
+IMPLS = ("auto", "gather", "matvec", "expert_scan", "grouped", "pallas")
 EXPERT_FORMATS = ("mxfp4", "bf16")
 
 
@@ -241,5 +243,5 @@ def apply_experts(
         num_experts = experts.mlp1_bias.shape[0]
         few = "matvec" if jax.default_backend() == "cpu" else "gather"
         impl = few if experts_BTK.size < num_experts else "grouped"
-    impls = {"gather": gather, "matvec": matvec, "expert_scan": expert_scan, "grouped": grouped}
+    impls = {"gather": gather, "matvec": matvec, "expert_scan": expert_scan, "grouped": grouped, "pallas": kernels.experts}
     return impls[impl](experts, t_BTH, experts_BTK, weights_BTK)
