@@ -319,19 +319,23 @@ class GptOss(nnx.Module):
         )
 
     def step(
-        self, tokens_BT: jax.Array, cache: KVCache, valid_lengths: jax.Array | None = None
+        self, tokens_BT: jax.Array, cache: KVCache, valid_lengths: jax.Array | None = None, *, last_only: bool = False
     ) -> tuple[jax.Array, KVCache]:
         """Appends `tokens` to each row at its own position and returns their logits and the new cache.
 
         `valid_lengths [B]` says how many leading tokens of each row are real (the rest is padding,
         never cached); by default all T are. Rows must not pass `cache.max_len` (checked by callers
-        that know the lengths; positions past it are not cached).
+        that know the lengths; positions past it are not cached). `last_only` returns only the logits
+        of each row's last valid token, [B, 1, V] (the chunk's first position for a row with none): all that sampling needs,
+        and it skips unembedding the rest of a prompt chunk (a [T, H] x [H, 201088] matmul).
         """
         B, T = tokens_BT.shape
         valid = jnp.full((B,), T, jnp.int32) if valid_lengths is None else valid_lengths.astype(jnp.int32)
         positions = query_positions(cache.lengths, T)
         x_BTH, (sliding, full) = self._layers(self._embed(tokens_BT), positions, cache.plans(T, valid), cache)
         new_cache = KVCache(sliding=sliding, full=full, lengths=cache.lengths + valid)
+        if last_only:
+            x_BTH = jnp.take_along_axis(x_BTH, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)
         return self._logits(x_BTH), new_cache
 
     def _embed(self, tokens_BT: jax.Array) -> jax.Array:

@@ -90,10 +90,9 @@ class Generation:
 # and the cache (donated, so it is updated in place).
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=3)
 def _prefill(graphdef, params, tokens_BT, cache: KVCache, lengths_B, key, strategy: Strategy):
-    logits_BTV, cache = nnx.merge(graphdef, params).step(tokens_BT, cache, lengths_B)
-    last = jnp.maximum(lengths_B - 1, 0)  # rows with nothing in this chunk sample garbage, ignored
-    last_BV = jnp.take_along_axis(logits_BTV, last[:, None, None], axis=1)[:, 0]
-    return strategy(last_BV, key), cache
+    # Rows with nothing in this chunk sample from their first position's logits; the caller ignores them.
+    logits_B1V, cache = nnx.merge(graphdef, params).step(tokens_BT, cache, lengths_B, last_only=True)
+    return strategy(logits_B1V[:, 0], key), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=3)

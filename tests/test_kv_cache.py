@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CONFIGS, build, forward, step
+from flax import nnx
 
 from gptoss_jax.kv_cache import full_plan, ring_plan
 from gptoss_jax.model import attend
@@ -11,6 +12,7 @@ from gptoss_jax.model import attend
 # Cached and uncached runs do the same float32 arithmetic on differently shaped (masked) key sets,
 # so only summation order differs: errors of a few 1e-7 on logits of size ~5.
 ATOL = 1e-5
+step_last_only = nnx.jit(lambda model, tokens, cache, valid: model.step(tokens, cache, valid, last_only=True))
 
 
 def _chunked(model, tokens: np.ndarray, chunks: list[int], max_len: int, valid: np.ndarray | None = None):
@@ -47,6 +49,9 @@ def test_rows_of_different_lengths_decode_independently():
     # A full forward of each row's own sequence gives, at position p, what that row alone yields.
     alone = [np.asarray(forward(model, jnp.asarray(tokens[row : row + 1])))[0] for row in range(2)]
     prompts = np.where(np.arange(19) < prompt_lengths[:, None], tokens[:, :19], 0)
+    last, _ = step_last_only(model, jnp.asarray(prompts), model.init_cache(2, 32), jnp.asarray(prompt_lengths, jnp.int32))
+    for row, length in enumerate(prompt_lengths):  # the logits of each row's last prompt token, as sampling uses
+        np.testing.assert_allclose(np.asarray(last)[row, 0], alone[row][length - 1], atol=ATOL, rtol=0)
     _, cache = step(model, jnp.asarray(prompts), cache, jnp.asarray(prompt_lengths, jnp.int32))
     for i in range(6):  # row 0 continues at position 7 + i, row 1 at 19 + i
         nxt = np.stack([tokens[0, 7 + i], tokens[1, 19 + i]])[:, None]
