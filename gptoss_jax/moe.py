@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax import kernels
-from gptoss_jax.mxfp4 import dequantize, scale_to_float32
+from gptoss_jax.mxfp4 import decode_bits, scale_to_float32
 
 IMPLS = ("auto", "gather", "matvec", "expert_scan", "grouped", "pallas")
 EXPERT_FORMATS = ("mxfp4", "bf16")
@@ -41,7 +41,7 @@ class PackedMatrices:
 
     def weights(self, dtype) -> jax.Array:
         """`[..., out, in]` decoded."""
-        return dequantize(self.blocks, self.scales, dtype)
+        return decode_bits(self.blocks, self.scales, dtype)
 
     def matvec(self, expert: jax.Array, x_C: jax.Array) -> jax.Array:
         """`W[expert] @ x` in float32: a loop over the in/32 blocks, each decoded with the output axis

@@ -2,7 +2,10 @@
 
 Prompts are padded to a multiple of `bucket` tokens and the cache to a multiple of `bucket` slots,
 so a chat whose prompt grows turn by turn recompiles only when it crosses a bucket. Long prompts are
-prefilled in chunks of `prefill_chunk` tokens, which bounds the activations a step holds.
+prefilled in chunks of `prefill_chunk` tokens per row, which bounds the activations a step holds (the
+largest, full attention's float32 logits, are rows x 64 heads x cache length x chunk x 4 bytes). Longer
+chunks are faster on CPU: each expert is decoded once per chunk (512 prefills 1.4x faster than 256 at
+gpt-oss-20b shapes).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class Sampler:
     """Generates continuations of token-id prompts (of different lengths) from a model."""
 
     def __init__(
-        self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64, prefill_chunk: int = 256,
+        self, model: GptOss, *, stop_tokens: Sequence[int] = (RETURN, CALL), bucket: int = 64, prefill_chunk: int = 512,
         mesh: Mesh | None = None,
     ):
         """`mesh`: run sharded on it (the model's parameters must already live there, e.g. `load(..., mesh=mesh)`)."""

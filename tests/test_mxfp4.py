@@ -25,13 +25,14 @@ def _float64_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 # Scales 2..252 keep every decoded value a normal bf16 number (the exactness range of SPEC 4.3);
 # released checkpoints sit well inside it.
+@pytest.mark.parametrize("decode", [mxfp4.dequantize, mxfp4.decode_bits], ids=["dequantize", "decode_bits"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_dequantize_is_bit_identical_to_transformers(dtype):
+def test_dequantize_is_bit_identical_to_transformers(decode, dtype):
     blocks, scales = _random_packed(0, (2, 252))
     torch_dtype = {jnp.bfloat16: torch.bfloat16, jnp.float32: torch.float32}[dtype]
     theirs = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch_dtype)
     theirs = theirs.transpose(1, 2).float().numpy()  # they return HF's [E, in, out]
-    ours = np.asarray(mxfp4.dequantize(jnp.asarray(blocks), jnp.asarray(scales), dtype)).astype(np.float32)
+    ours = np.asarray(decode(jnp.asarray(blocks), jnp.asarray(scales), dtype)).astype(np.float32)
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))  # bitwise, signed zeros too
 
