@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-PREFILL_CHUNK = 512  # tokens per prefill step, both engines (our Sampler's default)
+PREFILL_CHUNK = 512  # prefill step: our Sampler's default (tokens over all rows); transformers' tokens per row
 
 
 def prompts(vocab_size: int, length: int, batch: int, seed: int) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 The tiny preset (6 q heads on 2 kv heads, 5 experts choose 2, window 8), float32 throughout, so the two
 paths differ only by summation order (bound 1e-4 on logits of magnitude ~5, as in the transformers
-parity tests). The greedy run prefills a 13-token prompt in chunks of 12 (longer than the window), so it
+parity tests). The greedy run prefills a 13-token prompt in chunks of 12 (24 tokens over 2 rows; longer than the window), so it
 covers uncached flash attention (first chunk), flash attention against the full cache and against the
 rotated ring (second chunk), split-K decode attention over both caches, and the grouped MXFP4 kernels at
 prefill and decode sizes. The kernels' own tests cover other head, expert and window sizes.
@@ -37,8 +37,8 @@ def test_greedy_tokens_match_xla(models):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (13, 6)]
     run = dict(max_new_tokens=16)
-    expected = Sampler(xla, stop_tokens=(), bucket=4, prefill_chunk=12).generate(prompts, **run).tokens
-    got = Sampler(pallas, stop_tokens=(), bucket=4, prefill_chunk=12).generate(prompts, **run).tokens
+    expected = Sampler(xla, stop_tokens=(), bucket=4, prefill_chunk=24).generate(prompts, **run).tokens
+    got = Sampler(pallas, stop_tokens=(), bucket=4, prefill_chunk=24).generate(prompts, **run).tokens
     assert got == expected
 
 

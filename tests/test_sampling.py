@@ -30,8 +30,8 @@ def test_batched_greedy_equals_each_prompt_alone():
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (3, 17, 9)]
     sampler = Sampler(model, stop_tokens=())
     batched = sampler.generate(prompts, max_new_tokens=8).tokens
-    chunked = Sampler(model, stop_tokens=(), bucket=4, prefill_chunk=8).generate(prompts, max_new_tokens=8).tokens
-    assert chunked == batched  # prompts of 3, 17 and 9 tokens prefilled in chunks of 8
+    chunked = Sampler(model, stop_tokens=(), bucket=4, prefill_chunk=24).generate(prompts, max_new_tokens=8).tokens
+    assert chunked == batched  # prompts of 3, 17 and 9 tokens prefilled in chunks of 24 / 3 rows = 8
     for row, prompt in enumerate(prompts):
         assert batched[row] == sampler.generate([prompt], max_new_tokens=8).tokens[0]
 
