@@ -10,8 +10,11 @@ layer's experts:
   weighting by the routing weight (0 for tokens that did not pick it). E/K times the needed FLOPs.
 - `grouped`: the (token, expert) copies sorted by expert; each expert is decoded once and applied
   only to the rows routed to it, in row tiles. For prefill.
+- `native`: `matvec`'s math with the products in a C++ kernel (`gptoss_jax.native`, packed experts,
+  CPU only) that decodes each packed byte in registers: ~10x faster than `matvec`.
 - `pallas`: the grouped MXFP4 kernels of `pallas_kernels` (packed experts only; see `kernels.py`).
-`auto` picks `gather` (`matvec` on CPU) when the selected experts are fewer than all experts, else `grouped`.
+`auto` picks `gather` when the selected experts are fewer than all experts (on CPU `native` if it
+compiled, else `matvec`), else `grouped`.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax import kernels
+from gptoss_jax import kernels, native
 from gptoss_jax.mxfp4 import decode_bits, scale_to_float32
 
-IMPLS = ("auto", "gather", "matvec", "expert_scan", "grouped", "pallas")
+IMPLS = ("auto", "gather", "matvec", "native", "expert_scan", "grouped", "pallas")
 EXPERT_FORMATS = ("mxfp4", "bf16")
 
 
@@ -143,6 +146,23 @@ def matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_B
     return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
 
 
+def native_matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """`matvec`'s products for all (token, expert) pairs in two calls of the C++ kernel, on the selected
+    experts' packed bytes (gathered by XLA: 50 MB per gpt-oss-20b token and layer, of 400 MB of experts).
+    Pairs of weight 0 are computed and then zeroed, not skipped."""
+    if not isinstance(experts.mlp1, PackedMatrices):
+        raise ValueError("moe_impl='native' runs MXFP4-packed experts; use expert_format='mxfp4'")
+    dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
+    expert_P, weight_P = experts_BTK.reshape(-1), weights_BTK.reshape(-1)
+    t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)
+    mlp1, mlp2 = experts.mlp1.take(expert_P), experts.mlp2.take(expert_P)
+    u_PF = native.mxfp4_matvec(t_PH, mlp1.blocks, mlp1.scales).astype(dtype) + experts.mlp1_bias[expert_P]
+    act_PI = clamped_swiglu(u_PF, experts.alpha, experts.limit)
+    y_PH = native.mxfp4_matvec(act_PI, mlp2.blocks, mlp2.scales).astype(dtype) + experts.mlp2_bias[expert_P]
+    y_PH = jnp.where(weight_P[:, None] != 0, y_PH, 0)  # pairs of weight 0 (padding) may hold anything
+    return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
+
+
 def expert_scan(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
     """Decodes one expert at a time and applies it to every token, weighted by its routing weight."""
     dtype = t_BTH.dtype
@@ -241,7 +261,12 @@ def apply_experts(
     """Σ_k w_k · (W2[e_k] · swiglu(W1[e_k] · t + b1[e_k]) + b2[e_k]) with the chosen implementation."""
     if impl == "auto":
         num_experts = experts.mlp1_bias.shape[0]
-        few = "matvec" if jax.default_backend() == "cpu" else "gather"
+        few = "gather"
+        if jax.default_backend() == "cpu":
+            few = "native" if isinstance(experts.mlp1, PackedMatrices) and native.available() else "matvec"
         impl = few if experts_BTK.size < num_experts else "grouped"
-    impls = {"gather": gather, "matvec": matvec, "expert_scan": expert_scan, "grouped": grouped, "pallas": kernels.experts}
+    impls = {
+        "gather": gather, "matvec": matvec, "native": native_matvec, "expert_scan": expert_scan, "grouped": grouped,
+        "pallas": kernels.experts,
+    }
     return impls[impl](experts, t_BTH, experts_BTK, weights_BTK)

@@ -1,11 +1,12 @@
-"""`moe.matvec` (a loop of float32 matrix-vector products, the CPU decode path) equals `moe.gather`."""
+"""The CPU decode paths, `moe.matvec` (a loop of float32 matrix-vector products) and `moe.native_matvec`
+(the C++ kernel), equal `moe.gather`."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax import moe
+from gptoss_jax import moe, native
 
 E, K, H, I = 5, 3, 96, 160  # every width differs (and in/32 = 3, 5 blocks), so a swapped axis shows
 
@@ -41,13 +42,17 @@ def _close(actual, reference):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(reference), rtol=TOL, atol=TOL * scale)
 
 
-@pytest.mark.parametrize("expert_format", ["mxfp4", "bf16"])
+IMPLS = [("matvec", "mxfp4"), ("matvec", "bf16"), ("native", "mxfp4")]
+CPU_DECODE = {"matvec": moe.matvec, "native": moe.native_matvec}
+
+
+@pytest.mark.parametrize("impl, expert_format", IMPLS)
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 3)])  # decode, batched decode, a few tokens
-def test_matvec_matches_gather(expert_format, B, T):
+def test_cpu_decode_matches_gather(impl, expert_format, B, T):
     rng = np.random.default_rng(B * 10 + T)
     experts = _experts(expert_format, rng)
     tokens, experts_BTK, weights = _routing(B, T, rng)
-    out = jax.jit(moe.matvec)(experts, tokens, experts_BTK, weights)
+    out = jax.jit(CPU_DECODE[impl])(experts, tokens, experts_BTK, weights)
     _close(out, jax.jit(moe.gather)(experts, tokens, experts_BTK, weights))
 
 
@@ -63,23 +68,24 @@ def test_matrix_matvec_matches_decoded_weights(expert_format):
         _close(jax.jit(mlp1.matvec)(jnp.int32(e), x), reference)
 
 
-def test_zero_weight_pairs_are_skipped():
-    """Expert-parallel decode gives other shards' experts weight 0 (and id 0): they must not be computed,
-    so a token whose every pair has weight 0 comes out 0 even when its values would overflow."""
+@pytest.mark.parametrize("impl", CPU_DECODE)
+def test_zero_weight_pairs_come_out_zero(impl):
+    """Expert-parallel decode gives other shards' experts weight 0 (and id 0): a token whose every pair
+    has weight 0 comes out 0 even when its values would overflow."""
     rng = np.random.default_rng(3)
     experts = _experts("mxfp4", rng)
     tokens, experts_BTK, weights = _routing(2, 1, rng)
     weights = weights.at[1].set(0.0)
     poisoned = tokens.at[1].set(jnp.inf)
-    out = np.asarray(jax.jit(moe.matvec)(experts, poisoned, experts_BTK, weights))
+    out = np.asarray(jax.jit(CPU_DECODE[impl])(experts, poisoned, experts_BTK, weights))
     assert (out[1] == 0).all()
     _close(out[:1], moe.gather(experts, tokens[:1], experts_BTK[:1], weights[:1]))
 
 
-def test_auto_picks_matvec_for_decode_on_cpu():
-    assert jax.default_backend() == "cpu"
+def test_auto_picks_the_native_kernel_for_decode_on_cpu():
+    assert jax.default_backend() == "cpu" and native.available()  # CI has a C++ compiler
     rng = np.random.default_rng(5)
     experts = _experts("mxfp4", rng)
     args = (experts, *_routing(1, 1, rng))
     auto = jax.jit(lambda *a: moe.apply_experts("auto", *a))(*args)
-    np.testing.assert_array_equal(np.asarray(auto), np.asarray(jax.jit(moe.matvec)(*args)))  # the same program
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(jax.jit(moe.native_matvec)(*args)))  # the same program
