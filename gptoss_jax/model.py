@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import kernels, moe, sharding
+from gptoss_jax import kernels, moe, native, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
 from gptoss_jax.mxfp4 import BLOCK
@@ -49,16 +49,20 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
 def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
 
-    One token on CPU runs as a float32 multiply-and-sum over w's trailing axes instead: XLA:CPU's dot
-    for a single row is 10-40x slower (its fast GEMM path starts at two rows); both sum in float32.
-    w is not reshaped (a reshaped operand inside the fusion makes it 8x slower again) and the product
-    keeps the [B, T, ...] shape of the output (1.5x faster on the unembedding than a flat vector).
+    One token on CPU runs as a float32 matrix-vector product instead (XLA:CPU's dot for a single row is
+    10-40x slower; its fast GEMM path starts at two rows): bfloat16 weights through the C++ kernel
+    (`native.bf16_matvec`, at memory bandwidth), others as a float32 multiply-and-sum over w's trailing
+    axes, with w not reshaped (a reshaped operand inside the fusion makes it 8x slower again) and the
+    product in the [B, T, ...] shape of the output (1.5x faster on the unembedding than a flat vector).
     """
     out_dtype = out_dtype or x.dtype
     B, T = x.shape[:2]
     if B * T > 1 or jax.default_backend() != "cpu":
         return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
     kept = w.ndim - (x.ndim - 2)
+    if w.dtype == jnp.bfloat16 and native.available():
+        y = native.bf16_matvec(x.reshape(-1), w.reshape(math.prod(w.shape[:kept]), -1))
+        return y.reshape(B, T, *w.shape[:kept]).astype(out_dtype)
     x_BT1C = x.reshape(B, T, *(1,) * kept, *x.shape[2:]).astype(jnp.float32)
     y = (w.astype(jnp.float32)[None, None] * x_BT1C).sum(tuple(range(2 + kept, 2 + w.ndim)))
     return y.astype(out_dtype)

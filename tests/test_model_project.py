@@ -1,10 +1,11 @@
-"""`model.project`: the one-token CPU multiply-and-sum equals the einsum it stands in for."""
+"""`model.project`: the one-token CPU paths (multiply-and-sum, native bf16 kernel) equal the einsum they stand in for."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptoss_jax import native
 from gptoss_jax.model import project
 
 N, G, D, H, V = 2, 3, 5, 7 * 32, 37  # every width differs, so a swapped axis shows
@@ -17,19 +18,26 @@ SPECS = {  # the model's four projections: (spec, x shape without B, T, w shape)
 }
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # multiply-and-sum, or the native kernel
 @pytest.mark.parametrize("name", SPECS)
-def test_one_token_matches_einsum(name):
+def test_one_token_matches_einsum(name, dtype):
     spec, x_shape, w_shape = SPECS[name]
     rng = np.random.default_rng(len(name))
-    x = jnp.asarray(rng.standard_normal((1, 1, *x_shape)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 1, *x_shape)), dtype)
+    w = jnp.asarray(rng.standard_normal(w_shape), dtype)
     ours = jax.jit(project, static_argnums=0)(spec, x, w)
-    assert "dot_general" not in str(jax.make_jaxpr(project, static_argnums=0)(spec, x, w))  # the CPU path ran
-    reference = jnp.einsum(spec, x, w, precision="highest")
-    # float32 both ways: only the order of the <= 224 summed products differs (~1e-7 relative of
-    # outputs ~15); a wrong axis or a missing term moves outputs by O(1).
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-5 * float(jnp.abs(reference).max()))
+    program = str(jax.make_jaxpr(project, static_argnums=0)(spec, x, w))
+    assert "dot_general" not in program  # the CPU path ran
+    assert ("gptoss_bf16_matvec" in program) == (dtype == jnp.bfloat16 and native.available())
+    reference = jnp.einsum(spec, x, w, precision="highest", preferred_element_type=jnp.float32).astype(dtype)
+    # float32 sums both ways (bf16 x bf16 products are exact in float32): only the order of the <= 224
+    # summed products differs (~1e-7 relative of outputs ~15), then the same rounding to the output
+    # dtype, which a summation-order difference can flip by one bf16 step (2^-8 relative) at most;
+    # a wrong axis or a missing term moves outputs by O(1).
     assert ours.shape == reference.shape and ours.dtype == reference.dtype
+    ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+    rtol = 2**-8 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(ours, reference, rtol=rtol, atol=1e-5 * np.abs(reference).max())
 
 
 def test_bfloat16_output_dtype_and_more_tokens_use_einsum():

@@ -1,10 +1,10 @@
-"""A C++ MXFP4 matrix-vector kernel for CPU decode, called from jitted code through XLA's FFI.
+"""C++ matrix-vector kernels for one-token decode on CPU, called from jitted code through XLA's FFI.
 
-XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured, far below memory
-bandwidth, so one-token decode of gpt-oss was bound by decode arithmetic, not bytes. `mxfp4_matvec.cc`
-reads each packed byte once and decodes it in registers. It is compiled on first use with the
-machine's C++ compiler (`-march=native`, about 10 s, cached under `~/.cache/gptoss-jax/native/`), so
-installing the package needs no compiler; without one, or with `GPTOSS_JAX_NATIVE=0`, `available()`
+XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured, and runs a bf16
+matrix-vector product at 2-10 GB/s, far below memory bandwidth, so one-token decode of gpt-oss was
+bound by arithmetic, not bytes. `matvec.cc` reads each weight byte once and converts it in registers.
+It is compiled on first use with the machine's C++ compiler (`-march=native`, a few seconds, cached
+under `~/.cache/gptoss-jax/native/`), so installing the package needs no compiler; without one, or with `GPTOSS_JAX_NATIVE=0`, `available()`
 is False and the model keeps its XLA paths.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("mxfp4_matvec.cc")
-TARGET = "gptoss_mxfp4_matvec"
+SOURCE = Path(__file__).with_name("matvec.cc")
+TARGETS = {"gptoss_mxfp4_matvec": "GptossMxfp4Matvec", "gptoss_bf16_matvec": "GptossBf16Matvec"}  # XLA name: symbol
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -49,7 +49,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, jax.lib.__version__.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
-    library = _cache_dir() / f"mxfp4_matvec-{key.hexdigest()[:16]}.so"
+    library = _cache_dir() / f"matvec-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def _build() -> Path:
 
 @functools.cache
 def available() -> bool:
-    """True once the kernel is compiled, loaded and registered with XLA for the CPU."""
+    """True once the kernels are compiled, loaded and registered with XLA for the CPU."""
     if os.environ.get("GPTOSS_JAX_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
@@ -73,7 +73,8 @@ def available() -> bool:
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
         warnings.warn(f"gptoss_jax: native CPU kernel unavailable, using XLA paths ({error})", stacklevel=2)
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.GptossMxfp4Matvec), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return True
 
 
@@ -82,5 +83,13 @@ def mxfp4_matvec(x_PC: jax.Array, blocks_PRG16: jax.Array, scales_PRG: jax.Array
     P, R, G, _ = blocks_PRG16.shape
     if x_PC.shape != (P, G * 32) or scales_PRG.shape != (P, R, G):
         raise ValueError(f"x {x_PC.shape}, blocks {blocks_PRG16.shape} and scales {scales_PRG.shape} do not match")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((P, R), jnp.float32))
+    call = jax.ffi.ffi_call("gptoss_mxfp4_matvec", jax.ShapeDtypeStruct((P, R), jnp.float32))
     return call(x_PC.astype(jnp.float32), blocks_PRG16, scales_PRG)
+
+
+def bf16_matvec(x_C: jax.Array, w_RC: jax.Array) -> jax.Array:
+    """`w @ x` in float32 for a bfloat16 matrix `w [R, C]` (CPU only; see `available`)."""
+    if w_RC.ndim != 2 or w_RC.dtype != jnp.bfloat16 or x_C.shape != w_RC.shape[1:]:
+        raise ValueError(f"need bfloat16 w [R, C] and x [C], got w {w_RC.dtype} {w_RC.shape} and x {x_C.shape}")
+    call = jax.ffi.ffi_call("gptoss_bf16_matvec", jax.ShapeDtypeStruct(w_RC.shape[:1], jnp.float32))
+    return call(x_C.astype(jnp.float32), w_RC)

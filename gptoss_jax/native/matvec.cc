@@ -1,9 +1,12 @@
-// MXFP4 matrix-vector products for CPU decode, as an XLA FFI custom call.
+// Matrix-vector products for one-token decode on CPU, as XLA FFI custom calls. Each reads every weight
+// byte once, converts it in registers and sums in float32; rows are split over threads. Without
+// AVX-512 scalar loops compute the same sums.
 //
-// y[p, r] = sum_c W_p[r, c] * x[p, c], W_p given packed: blocks [P, R, C/32, 16] (two E2M1 codes per
-// byte, low nibble first) and E8M0 scales [P, R, C/32]. Each packed byte is read once and decoded in
-// registers (a 16-entry table in one AVX-512 register, indexed by vpermps); nothing dequantized is
-// written to memory. Rows are split over threads. Without AVX-512 a scalar loop computes the same sums.
+// GptossMxfp4Matvec: y[p, r] = sum_c W_p[r, c] * x[p, c], W_p given packed: blocks [P, R, C/32, 16]
+//   (two E2M1 codes per byte, low nibble first) and E8M0 scales [P, R, C/32]. Codes are decoded by a
+//   16-entry table held in one AVX-512 register (vpermps); nothing dequantized is written to memory.
+// GptossBf16Matvec: y[r] = sum_c W[r, c] * x[c] for bfloat16 W [R, C] (a bfloat16 is the top half of
+//   a float32, so widening is a shift).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -27,6 +30,19 @@ inline float ScaleToFloat(uint8_t s) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// Runs work(begin, end) over [0, total) split across the cores (the calling thread takes the first share).
+template <typename Work>
+void ParallelFor(int64_t total, const Work& work) {
+  const int64_t threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, std::max<int64_t>(1, total / 256));
+  const int64_t share = (total + threads - 1) / threads;
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) {
+    helpers.emplace_back(work, std::min(total, t * share), std::min(total, (t + 1) * share));
+  }
+  work(0, std::min(total, share));
+  for (auto& helper : helpers) helper.join();
 }
 
 // One row: `groups` blocks of 32 values against x split into even (low nibble) and odd (high nibble)
@@ -80,23 +96,45 @@ ffi::Error Mxfp4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
     }
   }
 
-  const int64_t total = pairs * rows;
-  auto work = [&](int64_t begin, int64_t end) {
+  ParallelFor(pairs * rows, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = i / rows;
-      const float* even = split.data() + p * cols;
+      const float* even = split.data() + (i / rows) * cols;
       y->typed_data()[i] = Row(blocks.typed_data() + i * groups * 16, scales.typed_data() + i * groups, even,
                                even + cols / 2, groups);
     }
-  };
-  const int64_t threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, std::max<int64_t>(1, total / 256));
-  std::vector<std::thread> helpers;
-  const int64_t share = (total + threads - 1) / threads;
-  for (int64_t t = 1; t < threads; ++t) {
-    helpers.emplace_back(work, std::min(total, t * share), std::min(total, (t + 1) * share));
+  });
+  return ffi::Error::Success();
+}
+
+inline float Bf16Row(const uint16_t* w, const float* x, int64_t cols) {
+  int64_t c = 0;
+  float tail = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; c + 16 <= cols; c += 16) {
+    __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c))), 16);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(widened), _mm512_loadu_ps(x + c), acc);
   }
-  work(0, std::min(total, share));
-  for (auto& helper : helpers) helper.join();
+  tail = _mm512_reduce_add_ps(acc);
+#endif
+  for (; c < cols; ++c) {
+    uint32_t bits = static_cast<uint32_t>(w[c]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    tail += value * x[c];
+  }
+  return tail;
+}
+
+ffi::Error Bf16MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto wdims = w.dimensions();
+  if (wdims.size() != 2) return ffi::Error::InvalidArgument("w must be [R, C]");
+  const int64_t rows = wdims[0], cols = wdims[1];
+  if (x.element_count() != cols) return ffi::Error::InvalidArgument("x must be [C]");
+  const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data());
+  ParallelFor(rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) y->typed_data()[r] = Bf16Row(weights + r * cols, x.typed_data(), cols);
+  });
   return ffi::Error::Success();
 }
 
@@ -107,4 +145,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
