@@ -78,8 +78,14 @@ def available() -> bool:
     return True
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the native CPU kernels are unavailable (see the warning above); use an XLA implementation")
+
+
 def mxfp4_matvec(x_PC: jax.Array, blocks_PRG16: jax.Array, scales_PRG: jax.Array) -> jax.Array:
     """`y[p] = W_p @ x[p]` in float32 for P packed matrices `W_p [R, C]` (CPU only; see `available`)."""
+    _require()
     P, R, G, _ = blocks_PRG16.shape
     if x_PC.shape != (P, G * 32) or scales_PRG.shape != (P, R, G):
         raise ValueError(f"x {x_PC.shape}, blocks {blocks_PRG16.shape} and scales {scales_PRG.shape} do not match")
@@ -89,6 +95,7 @@ def mxfp4_matvec(x_PC: jax.Array, blocks_PRG16: jax.Array, scales_PRG: jax.Array
 
 def bf16_matvec(x_C: jax.Array, w_RC: jax.Array) -> jax.Array:
     """`w @ x` in float32 for a bfloat16 matrix `w [R, C]` (CPU only; see `available`)."""
+    _require()
     if w_RC.ndim != 2 or w_RC.dtype != jnp.bfloat16 or x_C.shape != w_RC.shape[1:]:
         raise ValueError(f"need bfloat16 w [R, C] and x [C], got w {w_RC.dtype} {w_RC.shape} and x {x_C.shape}")
     call = jax.ffi.ffi_call("gptoss_bf16_matvec", jax.ShapeDtypeStruct(w_RC.shape[:1], jnp.float32))
