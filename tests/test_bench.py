@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings as top
 
 import decode  # noqa: E402
 import peers  # noqa: E402
+import profile_step  # noqa: E402
 import roofline  # noqa: E402
 
 from gptoss_jax import GptOssConfig  # noqa: E402
@@ -102,3 +103,11 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:  # argparse's own errors
         decode.main(["--preset", "tiny", "--layers", "two"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_profile_step_lists_the_steps_ops(mode, capsys):
+    assert profile_step.main(["--preset", "tiny", "--layers", "1", "--mode", mode, "--tokens", "16", "--top", "50"]) == 0
+    out = capsys.readouterr().out
+    assert f"{mode} step, tiny cut to 1 layers" in out
+    assert "ThunkExecutor::Execute" in out and "$" not in out  # XLA's spans, no Python frames
