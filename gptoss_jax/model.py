@@ -297,8 +297,8 @@ class GptOss(nnx.Module):
             raise ValueError(f"unknown moe_impl {moe_impl!r}; choose one of {moe.IMPLS}")
         if expert_format not in moe.EXPERT_FORMATS:
             raise ValueError(f"unknown expert_format {expert_format!r}; choose one of {moe.EXPERT_FORMATS}")
-        if moe_impl == "pallas" and expert_format != "mxfp4":
-            raise ValueError("moe_impl='pallas' runs MXFP4-packed experts; use expert_format='mxfp4'")
+        if moe_impl in moe.PACKED_ONLY and expert_format != "mxfp4":
+            raise ValueError(f"moe_impl={moe_impl!r} runs MXFP4-packed experts; use expert_format='mxfp4'")
         V, H, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
         self.config, self.dtype = config, jnp.dtype(dtype)
         self.embedding = _param(rngs, (V, H), ("vocab", "embed"), dtype, 1.0)
@@ -330,8 +330,9 @@ class GptOss(nnx.Module):
         `valid_lengths [B]` says how many leading tokens of each row are real (the rest is padding,
         never cached); by default all T are. Rows must not pass `cache.max_len` (checked by callers
         that know the lengths; positions past it are not cached). `last_only` returns only the logits
-        of each row's last valid token, [B, 1, V] (the chunk's first position for a row with none): all that sampling needs,
-        and it skips unembedding the rest of a prompt chunk (a [T, H] x [H, 201088] matmul).
+        of each row's last valid token, [B, 1, V] (the chunk's first position for a row with none):
+        all that sampling needs, and it skips unembedding the rest of a prompt chunk (a [T, H] x
+        [H, 201088] matmul).
         """
         B, T = tokens_BT.shape
         valid = jnp.full((B,), T, jnp.int32) if valid_lengths is None else valid_lengths.astype(jnp.int32)

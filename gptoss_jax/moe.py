@@ -29,6 +29,7 @@ from gptoss_jax.mxfp4 import decode_bits, scale_to_float32
 
 IMPLS = ("auto", "gather", "matvec", "native", "expert_scan", "grouped", "pallas")
 EXPERT_FORMATS = ("mxfp4", "bf16")
+PACKED_ONLY = ("native", "pallas")  # kernels that read the packed bytes (GptOss checks the format)
 
 
 @jax.tree_util.register_dataclass
@@ -150,8 +151,6 @@ def native_matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, we
     """`matvec`'s products for all (token, expert) pairs in two calls of the C++ kernel, on the selected
     experts' packed bytes (gathered by XLA: 50 MB per gpt-oss-20b token and layer, of 400 MB of experts).
     Pairs of weight 0 are computed and then zeroed, not skipped."""
-    if not isinstance(experts.mlp1, PackedMatrices):
-        raise ValueError("moe_impl='native' runs MXFP4-packed experts; use expert_format='mxfp4'")
     dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
     expert_P, weight_P = experts_BTK.reshape(-1), weights_BTK.reshape(-1)
     t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)

@@ -3,8 +3,7 @@
 A weight `[..., R, C]` is stored as `blocks uint8 [..., R, C/32, 16]` (two 4-bit codes per byte, low
 nibble first) and `scales uint8 [..., R, C/32]` (value = code_value * 2^(scale - 127)), SPEC 4.3.
 `dequantize` is the reference every kernel and fast path is tested against (`decode_bits` is the
-fast XLA path); `quantize` (numpy, round
-to nearest) writes fixtures and packs dense checkpoints.
+fast XLA path); `quantize` (numpy, round to nearest) writes fixtures and packs dense checkpoints.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ def dequantize(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bflo
 
 def decode_bits(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
     """`dequantize` by integer arithmetic: each code's sign, exponent and mantissa bits are moved into a
-    bfloat16's, with the scale added to its exponent field. No table lookup and no multiply, so XLA:CPU
-    fuses it into the consuming matmul's operand at ~2 G values/s (the lookup runs at ~0.5).
+    bfloat16's, with the scale added to its exponent field. No table lookup and no multiply: XLA:CPU
+    decodes ~2 G values/s this way, against ~0.5 with the lookup.
 
     Bit-identical to `dequantize` for scales 1..252 (bfloat16 and float32 share float32's exponent
     range; other dtypes are cast from bfloat16, exactly: a value has at most 2 significant bits).
