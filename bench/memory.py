@@ -38,7 +38,9 @@ def measure(preset: str, sizes: tuple[int, int, int], context: int) -> dict:
     )
     abstract_model = nnx.merge(graphdef, state)
     cache = jax.eval_shape(lambda: abstract_model.init_cache(1, context))
-    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, sharding.cache_sharding(cache, mesh))
+    cache = jax.tree.map(
+        lambda a, logical: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.named(mesh, logical)), cache, cache.logical_axes()
+    )
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=NamedSharding(mesh, sharding.spec(("batch", None))))
 
     def decode(params, tokens, cache):

@@ -1,7 +1,15 @@
-"""The model's `pallas` implementations: which kernel of `pallas_kernels` serves which call, in the model's layouts.
+"""Which kernel serves which model call on which platform: the library's one backend table.
 
-Kernels run compiled on GPU (Pallas Triton) and TPU (Mosaic) and interpreted on CPU, where they are
-slow and exist to be tested against the XLA path. Attention picks its kernel by the call:
+A switch (`attention_impl`, `moe_impl`) names an algorithm; this module picks the algorithm's lowering
+for the platform (`platform()`, the only place the library asks for the backend):
+- CPU: the C++ kernels of `gptoss_jax.native` serve one-token projections (`project`) and the expert
+  products of `moe.gather` on packed experts (`cpu_kernels`); without a C++ compiler the XLA
+  formulations serve. Pallas kernels run interpreted there (`interpret`), to be tested.
+- GPU: Pallas Triton kernels. TPU: Mosaic kernels and JAX's splash attention.
+A kernel without a VJP of its own trains through the VJP of the XLA formulation it stands in for
+(`with_reference_vjp`).
+
+Attention kernels by call (`attention_impl="pallas"`):
 - no cache (training, uncached prefill): flash attention; on TPU, JAX's splash attention;
 - one new token against a cache (decode): split-K decode attention over the cache as stored, the
   sliding layers' ring included (its slots carry their own positions);
@@ -13,9 +21,13 @@ Triton, and the cache's per-kv-head blocks do not meet Mosaic's (8, 128) tiling.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax import native
 from gptoss_jax.kv_cache import WritePlan
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
@@ -23,13 +35,63 @@ from pallas_kernels.moe import experts_mlp
 from pallas_kernels.splash import splash_attention
 
 
+def platform() -> str:
+    """The backend programs are built for ("cpu", "gpu", "tpu")."""
+    return jax.default_backend()
+
+
 def interpret() -> bool:
     """Pallas has no CPU backend: interpret the kernels there."""
-    return jax.default_backend() == "cpu"
+    return platform() == "cpu"
+
+
+def cpu_kernels() -> bool:
+    """True where the C++ kernels serve: on CPU, once they compiled (see `native.available`)."""
+    return platform() == "cpu" and native.available()
 
 
 def has_attention_kernel(cached: bool) -> bool:
-    return not cached or jax.default_backend() != "tpu"
+    return not cached or platform() != "tpu"
+
+
+def with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
+    """`kernel`, differentiated as `reference` (the same function by another formulation): the
+    forward runs the kernel, the backward `jax.vjp(reference)` at the same inputs."""
+
+    @jax.custom_vjp
+    def run(*args):
+        return kernel(*args)
+
+    def forward(*args):
+        return kernel(*args), args
+
+    def backward(args, cotangent):
+        return jax.vjp(reference, *args)[1](cotangent)
+
+    run.defvjp(forward, backward)
+    return run
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
+
+    One token with bfloat16 weights on CPU runs as the C++ matrix-vector kernel, at memory bandwidth:
+    XLA:CPU's dot for a single row is 10-40x slower (its fast GEMM path starts at two rows).
+    """
+    out_dtype = out_dtype or x.dtype
+
+    def einsum(x, w):
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+    if x.shape[0] * x.shape[1] > 1 or w.dtype != jnp.bfloat16 or not cpu_kernels():
+        return einsum(x, w)
+
+    def matvec(x, w):
+        kept = w.shape[: w.ndim - (x.ndim - 2)]
+        y = native.bf16_matvec(x.reshape(-1), w.reshape(math.prod(kept), -1))
+        return y.reshape(*x.shape[:2], *kept).astype(out_dtype)
+
+    return with_reference_vjp(matvec, einsum)(x, w)
 
 
 def attend(
@@ -44,7 +106,7 @@ def attend(
     """`model.attend` by kernels; keys are the new tokens' (`plan` None) or those `LayerCache.attend_to` returned."""
     q_start_B = q_pos_BT[:, 0]
     if plan is None:  # queries and keys are the same positions
-        if jax.default_backend() == "tpu":
+        if platform() == "tpu":
             return splash_attention(q_BTNGD, k_BSND, v_BSND, sinks_NG, q_start_B, q_start_B, window=window)
         return flash_attention(q_BTNGD, k_BSND, v_BSND, sinks_NG, q_start_B, q_start_B, window=window, interpret=interpret())
     if q_BTNGD.shape[1] == 1:
@@ -73,11 +135,12 @@ def _ring_in_position_order(k_BSND, v_BSND, lengths_B, num_new: int):
     return in_order(k_BSND), in_order(v_BSND), lengths_B - slots
 
 
-def experts(experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """`moe.gather`'s math by the grouped MXFP4 kernels; `experts` is a `moe.Experts` of packed matrices."""
+def experts(experts, t_BTH: jax.Array, weights_BTK: jax.Array, order_P: jax.Array, counts_E: jax.Array) -> jax.Array:
+    """`moe.grouped`'s math by the grouped MXFP4 kernels; `experts` is a `moe.Experts` of packed matrices,
+    `order_P` and `counts_E` the routing sort of its pairs (`moe.sort_by_expert`)."""
     B, T, H = t_BTH.shape
     out_MH = experts_mlp(
-        t_BTH.reshape(B * T, H), experts_BTK.reshape(B * T, -1), weights_BTK.reshape(B * T, -1),
+        t_BTH.reshape(B * T, H), weights_BTK.reshape(B * T, -1), order_P, counts_E,
         experts.mlp1.blocks, experts.mlp1.scales, experts.mlp1_bias,
         experts.mlp2.blocks, experts.mlp2.scales, experts.mlp2_bias,
         alpha=experts.alpha, limit=experts.limit, interpret=interpret(),

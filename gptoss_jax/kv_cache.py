@@ -64,6 +64,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.full.k.shape[2]
 
+    def logical_axes(self) -> KVCache:
+        """Each array's logical axis names, for `sharding.place_tree`: rows by batch, kv heads by heads."""
+        layer = LayerCache(k=("layers", "batch", None, "kv_heads", "head_dim"), v=("layers", "batch", None, "kv_heads", "head_dim"))
+        return KVCache(sliding=layer, full=layer, lengths=("batch",))
+
     @classmethod
     def create(
         cls, *, num_layers: int, batch: int, max_len: int, window: int, kv_heads: int, head_dim: int, dtype: jnp.dtype

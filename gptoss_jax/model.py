@@ -1,10 +1,11 @@
 """gpt-oss in Flax NNX, in the order of SPEC section 2: norm, YaRN rotary, attention, MoE, block, model.
 
-Dimension legend (einsum letters and tensor-name suffixes):
+Dimension legend (einsum letters and tensor-name suffixes, in every module of the package):
   B batch          T query positions    S key positions     H hidden
   N kv heads       G q heads per kv     D head dim          E experts
   K experts/token  I expert width       F = 2I (gate/linear interleaved)
-  V vocab
+  V vocab          M tokens (B*T flat)  P (token, expert) pairs
+  R, C rows and columns of a stored [out, in] matrix        J MXFP4 blocks of a row (C/32)
 
 Parameters keep the checkpoints' [out, in] orientation, so conversion copies bytes unchanged; the
 experts stay MXFP4-packed and are decoded only where used (see `moe.py`).
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import kernels, moe, native, sharding
+from gptoss_jax import kernels, moe, sharding
+from gptoss_jax.kernels import project
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
 from gptoss_jax.mxfp4 import BLOCK
@@ -44,28 +46,6 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Ar
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, std: float) -> nnx.Param:
     """A random normal parameter with its logical axis names (mapped to a mesh by `sharding.py`)."""
     return nnx.Param(_normal(rngs, shape, std, dtype), out_sharding=axes, eager_sharding=False)
-
-
-def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
-
-    One token on CPU runs as a float32 matrix-vector product instead (XLA:CPU's dot for a single row is
-    10-40x slower; its fast GEMM path starts at two rows): bfloat16 weights through the C++ kernel
-    (`native.bf16_matvec`, at memory bandwidth), others as a float32 multiply-and-sum over w's trailing
-    axes, with w not reshaped (a reshaped operand inside the fusion makes it 8x slower again) and the
-    product in the [B, T, ...] shape of the output (1.5x faster on the unembedding than a flat vector).
-    """
-    out_dtype = out_dtype or x.dtype
-    B, T = x.shape[:2]
-    if B * T > 1 or jax.default_backend() != "cpu":
-        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-    kept = w.ndim - (x.ndim - 2)
-    if w.dtype == jnp.bfloat16 and native.available():
-        y = native.bf16_matvec(x.reshape(-1), w.reshape(math.prod(w.shape[:kept]), -1))
-        return y.reshape(B, T, *w.shape[:kept]).astype(out_dtype)
-    x_BT1C = x.reshape(B, T, *(1,) * kept, *x.shape[2:]).astype(jnp.float32)
-    y = (w.astype(jnp.float32)[None, None] * x_BT1C).sum(tuple(range(2 + kept, 2 + w.ndim)))
-    return y.astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -207,9 +187,9 @@ class MoE(nnx.Module):
         if expert_format == "mxfp4":  # [E, out, in], packed
             self.mlp1_blocks, self.mlp1_scales = _packed(rngs, (E, 2 * I, H), ("experts", "mlp", "embed"))
             self.mlp2_blocks, self.mlp2_scales = _packed(rngs, (E, H, I), ("experts", "embed", "mlp"))
-        else:  # [E, in, out], as fine-tuned checkpoints store dense experts
-            self.mlp1_weight = _param(rngs, (E, H, 2 * I), ("experts", "embed", "mlp"), dtype, H**-0.5)
-            self.mlp2_weight = _param(rngs, (E, I, H), ("experts", "mlp", "embed"), dtype, I**-0.5)
+        else:  # [E, out, in] too (the converter transposes fine-tunes' [E, in, out])
+            self.mlp1_weight = _param(rngs, (E, 2 * I, H), ("experts", "mlp", "embed"), dtype, H**-0.5)
+            self.mlp2_weight = _param(rngs, (E, H, I), ("experts", "embed", "mlp"), dtype, I**-0.5)
         self.mlp1_bias = _param(rngs, (E, 2 * I), ("experts", "mlp"), dtype, 0.1)
         self.mlp2_bias = _param(rngs, (E, H), ("experts", "embed"), dtype, 0.1)
 
@@ -224,7 +204,7 @@ class MoE(nnx.Module):
             self._matrices("mlp1"), self.mlp1_bias[...], self._matrices("mlp2"), self.mlp2_bias[...],
             alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit,
         )
-        return x_BTH + sharding.apply_experts(self.impl, experts, t, experts_BTK, weights_BTK)
+        return x_BTH + moe.apply(self.impl, experts, t, experts_BTK, weights_BTK)
 
     def _matrices(self, name: str) -> moe.Matrices:
         if self.expert_format == "mxfp4":

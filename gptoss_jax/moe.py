@@ -1,35 +1,33 @@
 """The experts of the MoE block (SPEC 2.4 steps 4-8), from MXFP4-packed or dense bf16 weights.
 
-Two implementations with the same math, neither of which ever holds a dequantized copy of a whole
-layer's experts:
-- `gather`: each token decodes only the K experts it selected. Best when few tokens run (decode).
-- `matvec`: the same selection as a loop of float32 matrix-vector products that decode with the
-  output axis innermost; on XLA:CPU 11x faster than `gather` for decode (gather's batched dot and
-  row-wise decode run far below memory bandwidth there).
-- `expert_scan`: a scan over experts; each step decodes one expert and applies it to every token,
-  weighting by the routing weight (0 for tokens that did not pick it). E/K times the needed FLOPs.
-- `grouped`: the (token, expert) copies sorted by expert; each expert is decoded once and applied
-  only to the rows routed to it, in row tiles. For prefill.
-- `native`: `matvec`'s math with the products in a C++ kernel (`gptoss_jax.native`, packed experts,
-  CPU only) that decodes each packed byte in registers: ~10x faster than `matvec`.
-- `pallas`: the grouped MXFP4 kernels of `pallas_kernels` (packed experts only; see `kernels.py`).
-`auto` picks a per-pair path (`gather`; on CPU `native` if it compiled, else `matvec`) for few tokens,
-`grouped` for many (`_auto`).
+`moe_impl` picks an algorithm; none ever holds a dequantized copy of a whole layer's experts:
+- `gather`: each (token, expert) pair decodes the expert it selected and applies it to its token.
+  Best when few tokens run (decode). On CPU, packed experts run it in the C++ kernel
+  (`gptoss_jax.native`), which decodes each byte in registers.
+- `grouped`: the (token, expert) pairs sorted by expert; each expert is decoded once and applied to
+  its own rows only, in row tiles. For prefill and training.
+- `pallas`: `grouped`'s algorithm as the grouped MXFP4 kernels of `pallas_kernels` (packed experts
+  only; see `kernels.py`).
+- `auto`: `gather` for few pairs, `grouped` for many (`_auto`).
+`apply` runs the chosen one, expert-parallel when the active mesh splits the experts: a `shard_map`
+over the expert axis, with a `psum` for one token per row and an `all_to_all` dispatch otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from gptoss_jax import kernels, native
-from gptoss_jax.mxfp4 import decode_bits, scale_to_float32
+from gptoss_jax import kernels, native, sharding
+from gptoss_jax.mxfp4 import dequantize
 
-IMPLS = ("auto", "gather", "matvec", "native", "expert_scan", "grouped", "pallas")
+IMPLS = ("auto", "gather", "grouped", "pallas")
 EXPERT_FORMATS = ("mxfp4", "bf16")
-PACKED_ONLY = ("native", "pallas")  # kernels that read the packed bytes (GptOss checks the format)
+PACKED_ONLY = ("pallas",)  # kernels that read the packed bytes (GptOss checks the format)
 
 
 @jax.tree_util.register_dataclass
@@ -45,29 +43,18 @@ class PackedMatrices:
 
     def weights(self, dtype) -> jax.Array:
         """`[..., out, in]` decoded."""
-        return decode_bits(self.blocks, self.scales, dtype)
+        return dequantize(self.blocks, self.scales, dtype)
 
-    def matvec(self, expert: jax.Array, x_C: jax.Array) -> jax.Array:
-        """`W[expert] @ x` in float32: a loop over the in/32 blocks, each decoded with the output axis
-        innermost (a transposed copy of one expert), so XLA:CPU vectorizes over outputs; 11x faster
-        there than decoding [out, in] rows and reducing along them."""
-        blocks_GJO = jnp.transpose(self.blocks[expert], (1, 2, 0))  # J: the 16 bytes of a block
-        scales_GO = scale_to_float32(self.scales[expert]).T
-        x_GJ2 = x_C.astype(jnp.float32).reshape(*blocks_GJO.shape[:2], 2)  # low nibble first
-
-        def one_block(g, y_O):
-            b_JO, x_J2 = blocks_GJO[g], x_GJ2[g]
-            pairs_O = (_fp4_over_2_14(b_JO & 0x0F) * x_J2[:, :1] + _fp4_over_2_14(b_JO >> 4) * x_J2[:, 1:]).sum(0)
-            return y_O + pairs_O * scales_GO[g]
-
-        y_O = jax.lax.fori_loop(0, blocks_GJO.shape[0], one_block, jnp.zeros(blocks_GJO.shape[-1], jnp.float32), unroll=4)
-        return y_O * 2.0**14
+    def cotangent(self) -> PackedMatrices:
+        """Packed bytes are frozen: no gradient (float0, JAX's tangent type of integers)."""
+        return jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), self)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseMatrices:
-    """Dense expert matrices in Hugging Face's `[E, in, out]` orientation (fine-tuned checkpoints)."""
+    """Dense expert matrices `[E, out, in]`, the packed ones' orientation (the converter transposes
+    Hugging Face's `[E, in, out]` fine-tunes)."""
 
     weight: jax.Array
 
@@ -75,24 +62,13 @@ class DenseMatrices:
         return DenseMatrices(self.weight[index])
 
     def weights(self, dtype) -> jax.Array:
-        """`[..., out, in]`; XLA folds the transpose into the matmul."""
-        return jnp.swapaxes(self.weight, -1, -2).astype(dtype)
+        return self.weight.astype(dtype)
 
-    def matvec(self, expert: jax.Array, x_C: jax.Array) -> jax.Array:
-        """`W[expert] @ x` in float32, reducing over the stored [in, out]'s major axis (vectorized over outputs)."""
-        return (self.weight[expert].astype(jnp.float32) * x_C.astype(jnp.float32)[:, None]).sum(0)
+    def cotangent(self, d_weights: jax.Array) -> DenseMatrices:
+        return DenseMatrices(d_weights.astype(self.weight.dtype))
 
 
 Matrices = PackedMatrices | DenseMatrices
-
-
-def _fp4_over_2_14(codes: jax.Array) -> jax.Array:
-    """E2M1 codes (uint8, 0..15) -> their values / 2^14 in float32, exactly, without a gather or select:
-    sign, exponent and mantissa bits moved into a float16's are that float16 (code 1 = 0.5 lands on
-    its subnormal 2^-15, which the conversion keeps)."""
-    codes = codes.astype(jnp.uint16)
-    half = jax.lax.bitcast_convert_type(((codes & 8) << 12) | ((codes & 7) << 9), jnp.float16)
-    return half.astype(jnp.float32)
 
 
 @jax.tree_util.register_dataclass
@@ -116,8 +92,22 @@ def clamped_swiglu(u_F: jax.Array, alpha: float, limit: float) -> jax.Array:
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
 
 
+def sort_by_expert(expert_P: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """The routing sort: pair order grouping pairs by expert (stable), and each expert's pair count.
+
+    Ids outside [0, num_experts) sort last and count for no expert (how callers drop pairs).
+    """
+    return jnp.argsort(expert_P, stable=True), jnp.bincount(expert_P, length=num_experts).astype(jnp.int32)
+
+
 def gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
     """Decodes the K selected experts of every token and applies them to that token alone."""
+    if isinstance(experts.mlp1, PackedMatrices) and kernels.cpu_kernels():
+        return kernels.with_reference_vjp(_gather_by_cpu_kernel, _gather)(experts, t_BTH, experts_BTK, weights_BTK)
+    return _gather(experts, t_BTH, experts_BTK, weights_BTK)
+
+
+def _gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
     dtype = t_BTH.dtype
     w1_BTKFH = experts.mlp1.take(experts_BTK).weights(dtype)
     u_BTKF = jnp.einsum("bth,btkfh->btkf", t_BTH, w1_BTKFH) + experts.mlp1_bias[experts_BTK]
@@ -127,30 +117,10 @@ def gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_B
     return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
 
 
-def matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """A loop over the selected (token, expert) pairs, each two float32 matrix-vector products (`matvec`
-    of the matrices); pairs with routing weight 0 (another shard's experts) are skipped."""
-    dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
-    expert_P, weight_P = experts_BTK.reshape(-1), weights_BTK.reshape(-1)
-    t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)
-
-    def one_pair(e, t_H):
-        u_F = experts.mlp1.matvec(e, t_H).astype(dtype) + experts.mlp1_bias[e]
-        act_I = clamped_swiglu(u_F, experts.alpha, experts.limit)
-        return experts.mlp2.matvec(e, act_I).astype(dtype) + experts.mlp2_bias[e]
-
-    def pair(p, y_PH):
-        y_H = jax.lax.cond(weight_P[p] != 0, one_pair, lambda e, t: jnp.zeros_like(t), expert_P[p], t_PH[p])
-        return y_PH.at[p].set(y_H)
-
-    y_PH = jax.lax.fori_loop(0, expert_P.size, pair, jnp.zeros_like(t_PH))
-    return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
-
-
-def native_matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """`matvec`'s products for all (token, expert) pairs in two calls of the C++ kernel, on the selected
-    experts' packed bytes (gathered by XLA: 50 MB per gpt-oss-20b token and layer, of 400 MB of experts).
-    Pairs of weight 0 are computed and then zeroed, not skipped."""
+def _gather_by_cpu_kernel(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """`_gather` with each pair's two products in the C++ kernel, on the selected experts' packed
+    bytes (gathered by XLA: 50 MB per gpt-oss-20b token and layer, of 400 MB of experts). Pairs of
+    weight 0 (another expert shard's) are computed and then zeroed, not skipped."""
     dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
     expert_P, weight_P = experts_BTK.reshape(-1), weights_BTK.reshape(-1)
     t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)
@@ -158,28 +128,8 @@ def native_matvec(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, we
     u_PF = native.mxfp4_matvec(t_PH, mlp1.blocks, mlp1.scales).astype(dtype) + experts.mlp1_bias[expert_P]
     act_PI = clamped_swiglu(u_PF, experts.alpha, experts.limit)
     y_PH = native.mxfp4_matvec(act_PI, mlp2.blocks, mlp2.scales).astype(dtype) + experts.mlp2_bias[expert_P]
-    y_PH = jnp.where(weight_P[:, None] != 0, y_PH, 0)  # pairs of weight 0 (padding) may hold anything
+    y_PH = jnp.where(weight_P[:, None] != 0, y_PH, 0)  # pairs of weight 0 may hold anything
     return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
-
-
-def expert_scan(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """Decodes one expert at a time and applies it to every token, weighted by its routing weight."""
-    dtype = t_BTH.dtype
-    num_experts = experts.mlp1_bias.shape[0]
-    one_hot_BTKE = jax.nn.one_hot(experts_BTK, num_experts, dtype=dtype)
-    # [E, B, T]: the routing weight of each expert for each token, 0 where it was not selected.
-    combine_EBT = jnp.einsum("btke,btk->ebt", one_hot_BTKE, weights_BTK.astype(dtype))
-
-    def one_expert(acc_BTH, xs):
-        mlp1, bias1, mlp2, bias2, combine_BT = xs
-        u_BTF = jnp.einsum("bth,fh->btf", t_BTH, mlp1.weights(dtype)) + bias1
-        act_BTI = clamped_swiglu(u_BTF, experts.alpha, experts.limit)
-        y_BTH = jnp.einsum("bti,hi->bth", act_BTI, mlp2.weights(dtype)) + bias2
-        return acc_BTH + y_BTH * combine_BT[..., None], None
-
-    per_expert = (experts.mlp1, experts.mlp1_bias, experts.mlp2, experts.mlp2_bias, combine_EBT)
-    out_BTH, _ = jax.lax.scan(one_expert, jnp.zeros_like(t_BTH), per_expert)
-    return out_BTH
 
 
 def grouped(
@@ -196,34 +146,10 @@ def grouped(
     tile = rows_per_tile or _rows_per_tile(pairs, num_experts)
     # Dropped copies get expert id E, so they sort last and belong to no expert's range.
     expert_P = jnp.where(weights_BTK.reshape(pairs) != 0, experts_BTK.reshape(pairs), num_experts)
-    order_P = jnp.argsort(expert_P, stable=True)
-    counts_E = jnp.bincount(expert_P, length=num_experts)
-    ends_E = jnp.cumsum(counts_E)
-    # Sorted rows, plus one tile of padding so every tile read stays in bounds.
-    x_PH = jnp.concatenate([t_BTH.reshape(B * T, H)[order_P // K], jnp.zeros((tile, H), dtype)])
-    features_first = isinstance(experts.mlp1, PackedMatrices)
-    rows_axis = 1 if features_first else 0
-    x = x_PH.T if features_first else x_PH
-
-    def one_expert(y, xs):
-        mlp1, bias1, mlp2, bias2, end, count = xs
-        w1, w2 = mlp1.weights(dtype), mlp2.weights(dtype)  # decoded once, used by every tile
-        start = end - count
-
-        def one_tile(i, y):
-            first = start + i * tile
-            rows = jax.lax.dynamic_slice_in_dim(x, first, tile, rows_axis)
-            out = _expert_rows(experts, w1, bias1, w2, bias2, rows, features_first)
-            mine_R = first + jnp.arange(tile) < end  # the tile's last rows may belong to the next expert
-            mine = mine_R[None, :] if features_first else mine_R[:, None]
-            kept = jax.lax.dynamic_slice_in_dim(y, first, tile, rows_axis)
-            return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mine, out, kept), first, rows_axis)
-
-        return jax.lax.fori_loop(0, -(-count // tile), one_tile, y), None
-
-    per_expert = (experts.mlp1, experts.mlp1_bias, experts.mlp2, experts.mlp2_bias, ends_E, counts_E)
-    y, _ = jax.lax.scan(one_expert, jnp.zeros_like(x), per_expert)
-    y_PH = (y.T if features_first else y)[:pairs]
+    order_P, counts_E = sort_by_expert(expert_P, num_experts)
+    # Sorted rows, features first (see `_expert_rows`), plus one tile of padding so every tile read stays in bounds.
+    x_HP = jnp.concatenate([t_BTH.reshape(B * T, H)[order_P // K], jnp.zeros((tile, H), dtype)]).T
+    y_PH = _sorted_rows(tile, experts, x_HP, jnp.cumsum(counts_E), counts_E).T[:pairs]
     y_BTKH = jnp.zeros_like(y_PH).at[order_P].set(y_PH).reshape(B, T, K, H)
     return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
 
@@ -238,42 +164,188 @@ def _rows_per_tile(pairs: int, num_experts: int) -> int:
     return min(1024, 16 * -(-rows // 16))
 
 
-def _expert_rows(experts: Experts, w1, bias1, w2, bias2, rows: jax.Array, features_first: bool) -> jax.Array:
-    """One expert on a tile of rows, oriented so XLA:CPU's fast bf16 GEMM sees its right operand as
-    [contracted, kept] in memory (any other layout is upcast to float32 and runs 2-5x slower).
+def _tiles(tile: int, end: jax.Array, count: jax.Array, each_tile, carry):
+    """`carry = each_tile(first_row, mine_R, carry)` for the row tiles of one expert's [end - count, end)."""
 
-    Decoded MXFP4 weights are [out, in], so the tile is [H, rows] and the weights multiply from the
-    left; dense weights are stored [in, out] (behind `weights()`' transpose), so rows multiply them.
+    def one_tile(i, carry):
+        first = end - count + i * tile
+        return each_tile(first, first + jnp.arange(tile) < end, carry)  # a tile's last rows may be the next expert's
+
+    return jax.lax.fori_loop(0, -(-count // tile), one_tile, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sorted_rows(tile: int, experts: Experts, x_HP: jax.Array, ends_E: jax.Array, counts_E: jax.Array) -> jax.Array:
+    """Each expert applied to its own run of the expert-sorted rows `x_HP` (columns `[end - count, end)`).
+
+    A custom VJP because the tile loop's trip count depends on the routing, which reverse mode cannot
+    differentiate; the backward is the same loop over the same tiles, through each tile's VJP.
     """
-    if features_first:
-        u_FR = w1 @ rows + bias1[:, None]
-        act_RI = clamped_swiglu(u_FR.T, experts.alpha, experts.limit)
-        return w2 @ act_RI.T + bias2[:, None]
-    u_RF = rows @ w1.T + bias1
-    act_RI = clamped_swiglu(u_RF, experts.alpha, experts.limit)
-    return act_RI @ w2.T + bias2
+
+    def one_expert(y_HP, xs):
+        matrices, end, count = xs
+        w1, b1, w2, b2 = _decoded(matrices, x_HP.dtype)  # once per expert, shared by its tiles
+
+        def each_tile(first, mine_R, y_HP):
+            out_HR = _expert_rows(experts, w1, w2, b1, b2, jax.lax.dynamic_slice_in_dim(x_HP, first, tile, 1))
+            kept_HR = jax.lax.dynamic_slice_in_dim(y_HP, first, tile, 1)
+            return jax.lax.dynamic_update_slice_in_dim(y_HP, jnp.where(mine_R, out_HR, kept_HR), first, 1)
+
+        return _tiles(tile, end, count, each_tile, y_HP), None
+
+    y_HP, _ = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (_per_expert(experts), ends_E, counts_E))
+    return y_HP
 
 
-def apply_experts(
-    impl: str, experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array
-) -> jax.Array:
-    """Σ_k w_k · (W2[e_k] · swiglu(W1[e_k] · t + b1[e_k]) + b2[e_k]) with the chosen implementation."""
-    if impl == "auto":
-        impl = _auto(experts, experts_BTK.size)
-    impls = {
-        "gather": gather, "matvec": matvec, "native": native_matvec, "expert_scan": expert_scan, "grouped": grouped,
-        "pallas": kernels.experts,
-    }
-    return impls[impl](experts, t_BTH, experts_BTK, weights_BTK)
+def _sorted_rows_forward(tile, experts, x_HP, ends_E, counts_E):
+    return _sorted_rows(tile, experts, x_HP, ends_E, counts_E), (experts, x_HP, ends_E, counts_E)
+
+
+def _sorted_rows_backward(tile, residuals, dy_HP):
+    """Per expert and tile: the VJP of `_expert_rows` at the tile's rows, with other experts' rows
+    zeroed (their cotangents, and the rows too: 0 * inf in a weight gradient would be NaN). Only dense
+    weights are differentiated; packed ones are frozen constants of each tile's VJP."""
+    experts, x_HP, ends_E, counts_E = residuals
+    dense = isinstance(experts.mlp1, DenseMatrices)
+
+    def one_expert(dx_HP, xs):
+        matrices, end, count = xs
+        w1, b1, w2, b2 = _decoded(matrices, x_HP.dtype)
+        trained = (b1, b2, w1, w2) if dense else (b1, b2)
+
+        def rows_out(rows_HR, trained):
+            b1, b2, *dense_weights = trained
+            return _expert_rows(experts, *(dense_weights or (w1, w2)), b1, b2, rows_HR)
+
+        def each_tile(first, mine_R, carry):
+            dx_HP, grads = carry
+            rows_HR = jnp.where(mine_R, jax.lax.dynamic_slice_in_dim(x_HP, first, tile, 1), 0)
+            dy_HR = jnp.where(mine_R, jax.lax.dynamic_slice_in_dim(dy_HP, first, tile, 1), 0)
+            d_rows_HR, d_trained = jax.vjp(rows_out, rows_HR, trained)[1](dy_HR)
+            d_rows_HR += jax.lax.dynamic_slice_in_dim(dx_HP, first, tile, 1)
+            return jax.lax.dynamic_update_slice_in_dim(dx_HP, d_rows_HR, first, 1), jax.tree.map(jnp.add, grads, d_trained)
+
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), trained)
+        return _tiles(tile, end, count, each_tile, (dx_HP, zeros))
+
+    dx_HP, grads_E = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (_per_expert(experts), ends_E, counts_E))
+    db1, db2, *dw = grads_E
+    d_experts = Experts(
+        experts.mlp1.cotangent(*dw[:1]), db1.astype(experts.mlp1_bias.dtype),
+        experts.mlp2.cotangent(*dw[1:]), db2.astype(experts.mlp2_bias.dtype), alpha=experts.alpha, limit=experts.limit,
+    )
+    return d_experts, dx_HP, None, None
+
+
+_sorted_rows.defvjp(_sorted_rows_forward, _sorted_rows_backward)
+
+
+def _per_expert(experts: Experts) -> tuple:
+    return experts.mlp1, experts.mlp1_bias, experts.mlp2, experts.mlp2_bias
+
+
+def _decoded(matrices: tuple, dtype) -> tuple[jax.Array, ...]:
+    """One expert's (w1, b1, w2, b2), matrices decoded to `dtype`."""
+    mlp1, b1, mlp2, b2 = matrices
+    return mlp1.weights(dtype), b1, mlp2.weights(dtype), b2
+
+
+def _expert_rows(experts: Experts, w1_FH, w2_HI, b1_F, b2_H, rows_HR: jax.Array) -> jax.Array:
+    """One expert on a tile of rows, features first: the decoded weights are [out, in], and XLA:CPU's
+    fast bf16 GEMM wants its right operand [contracted, kept] in memory (any other layout is upcast to
+    float32 and runs 2-5x slower), so the tile is [H, rows] and the weights multiply from the left."""
+    u_FR = w1_FH @ rows_HR + b1_F[:, None]
+    act_RI = clamped_swiglu(u_FR.T, experts.alpha, experts.limit)
+    return w2_HI @ act_RI.T + b2_H[:, None]
+
+
+def pallas(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """`grouped`'s algorithm by the grouped MXFP4 kernels (`kernels.experts`)."""
+    order_P, counts_E = sort_by_expert(experts_BTK.reshape(-1), experts.mlp1_bias.shape[0])
+    return kernels.experts(experts, t_BTH, weights_BTK, order_P, counts_E)
+
+
+ALGORITHMS = {"gather": gather, "grouped": grouped, "pallas": pallas}
+
+
+def apply(impl: str, experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """Σ_k w_k · (W2[e_k] · swiglu(W1[e_k] · t + b1[e_k]) + b2[e_k]) by `impl`, expert-parallel when
+    the active mesh splits the experts.
+
+    Each expert shard holds E / n experts. One token per row (decode): every shard runs its local
+    experts on the tokens that chose them and the outputs are summed (`psum`). Longer inputs
+    (prefill, training): the tokens are split across the expert shards, each token copy is sent to
+    the shard owning its expert and back (`all_to_all`), with room for every copy (dropless).
+    """
+    axis = sharding.split_axis("experts")
+    if axis is None:
+        return _apply_here(impl, experts, t_BTH, experts_BTK, weights_BTK)
+    routed = sharding.spec(("batch", None, None))
+    body = _local_then_sum if t_BTH.shape[1] == 1 else _dispatch
+    run = jax.shard_map(
+        functools.partial(body, impl, axis),
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(jax.tree.map(lambda _: sharding.spec(("experts",)), experts), routed, routed, routed),
+        out_specs=routed,
+        check_vma=False,
+    )
+    return run(experts, t_BTH, experts_BTK, weights_BTK)
+
+
+def _apply_here(impl: str, experts: Experts, t_BTH, experts_BTK, weights_BTK) -> jax.Array:
+    algorithm = _auto(experts, experts_BTK.size) if impl == "auto" else impl
+    return ALGORITHMS[algorithm](experts, t_BTH, experts_BTK, weights_BTK)
 
 
 def _auto(experts: Experts, pairs: int) -> str:
-    """Per-pair paths read one expert per (token, expert) pair, `grouped` decodes every expert once:
-    per-pair wins below about E pairs, and below 4E with the native kernel on CPU (measured at
+    """`gather` reads one expert per (token, expert) pair, `grouped` decodes every expert once:
+    `gather` wins below about E pairs, and below 4E with the C++ kernel on CPU (measured at
     gpt-oss-20b shapes: a pair costs ~6 ms there, an expert decoded for `grouped` ~35 ms)."""
     num_experts = experts.mlp1_bias.shape[0]
-    if jax.default_backend() != "cpu":
-        return "gather" if pairs < num_experts else "grouped"
-    if isinstance(experts.mlp1, PackedMatrices) and native.available():
-        return "native" if pairs <= 4 * num_experts else "grouped"
-    return "matvec" if pairs < num_experts else "grouped"
+    by_cpu_kernel = isinstance(experts.mlp1, PackedMatrices) and kernels.cpu_kernels()
+    return "gather" if pairs <= (4 if by_cpu_kernel else 1) * num_experts else "grouped"
+
+
+def _local_ids(experts: Experts, axis: str, experts_BTK, weights_BTK):
+    """Global expert ids -> ids among this shard's experts; weight 0 where another shard owns the expert."""
+    local_count = experts.mlp1_bias.shape[0]
+    local = experts_BTK - jax.lax.axis_index(axis) * local_count
+    mine = (local >= 0) & (local < local_count)
+    return jnp.where(mine, local, 0), jnp.where(mine, weights_BTK, 0)
+
+
+def _local_then_sum(impl, axis, experts, t_BTH, experts_BTK, weights_BTK):
+    local, weights = _local_ids(experts, axis, experts_BTK, weights_BTK)
+    return jax.lax.psum(_apply_here(impl, experts, t_BTH, local, weights), axis)
+
+
+def _dispatch(impl, axis, experts, t_BTH, experts_BTK, weights_BTK):
+    """All-to-all expert parallelism for one (data, expert) shard; see `apply`."""
+    n, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    local_count = experts.mlp1_bias.shape[0]
+    B, T, H = t_BTH.shape
+    K = experts_BTK.shape[-1]
+    per_shard = -(-B * T // n)  # tokens this shard dispatches (the batch rows are split n ways)
+    pad = per_shard * n - B * T
+
+    def mine(x, fill):  # this shard's slice of the flattened (padded) tokens
+        x = jnp.concatenate([x.reshape(B * T, *x.shape[2:]), jnp.full((pad, *x.shape[2:]), fill, x.dtype)])
+        return jax.lax.dynamic_slice_in_dim(x, me * per_shard, per_shard)
+
+    x_MH, ids_MK, w_MK = mine(t_BTH, 0), mine(experts_BTK, 0), mine(weights_BTK, 0)
+    pairs = per_shard * K  # capacity per destination: every token copy could go to one shard
+    owner = (ids_MK // local_count).reshape(pairs)
+    order, per_owner = sort_by_expert(owner, n)
+    slot = jnp.zeros(pairs, jnp.int32).at[order].set(jnp.arange(pairs) - (jnp.cumsum(per_owner) - per_owner)[owner[order]])
+    token = jnp.arange(pairs) // K
+    send_x = jnp.zeros((n, pairs, H), x_MH.dtype).at[owner, slot].set(x_MH[token])
+    send_id = jnp.full((n, pairs), -1, jnp.int32).at[owner, slot].set((ids_MK % local_count).reshape(pairs))
+    recv_x = jax.lax.all_to_all(send_x, axis, 0, 0)
+    recv_id = jax.lax.all_to_all(send_id, axis, 0, 0).reshape(1, n * pairs, 1)
+    valid = recv_id >= 0
+    y = _apply_here(impl, experts, recv_x.reshape(1, n * pairs, H), jnp.where(valid, recv_id, 0), valid.astype(x_MH.dtype))
+    back = jax.lax.all_to_all(y.reshape(n, pairs, H), axis, 0, 0)
+    y_MKH = back[owner, slot].reshape(per_shard, K, H)
+    out_MH = jnp.einsum("mkh,mk->mh", y_MKH, w_MK.astype(y_MKH.dtype))
+    every = jax.lax.all_gather(out_MH, axis, tiled=True)[: B * T]
+    return every.reshape(B, T, H)

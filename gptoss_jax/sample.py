@@ -10,12 +10,9 @@ import json
 import sys
 import time
 
-import jax.numpy as jnp
-from flax import nnx
-
-from gptoss_jax import checkpoint, harmony, sharding
+from gptoss_jax import checkpoint, harmony, moe, sharding
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.model import GptOss
+from gptoss_jax.model import ATTENTION_IMPLS, GptOss
 from gptoss_jax.sampling import Greedy, Random, Sampler
 from gptoss_jax.tokenizer import ENDOFTEXT, get_encoding
 
@@ -43,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (one message per line)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, messages and speeds")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--moe-impl", choices=moe.IMPLS, default="auto",
+                   help="experts algorithm: gather (per token), grouped (per expert), pallas (kernels); auto picks by size")
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="xla", help="xla (reference) or pallas (kernels)")
     p.add_argument("--mesh", help="run sharded, e.g. data=1,expert=8,model=1 (sizes must multiply to the device count)")
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: process count (or JAX_NUM_PROCESSES)")
@@ -51,15 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _model(args: argparse.Namespace, mesh) -> GptOss:
-    if args.checkpoint:
-        return checkpoint.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
-    print("notice: tiny preset with RANDOM weights, so the text is meaningless; "
-          "pass --checkpoint DIR (from `python -m convert`) for a real model.", file=sys.stderr)
-    model = GptOss(GptOssConfig.tiny(), rngs=nnx.Rngs(args.seed), dtype=jnp.dtype(args.dtype))
-    if mesh is not None:
-        sharding.check_fits(dict(mesh.shape), model.config)
-        sharding.shard_model(model, mesh)
-    return model
+    if not args.checkpoint:
+        print("notice: tiny preset with RANDOM weights, so the text is meaningless; "
+              "pass --checkpoint DIR (from `python -m convert`) for a real model.", file=sys.stderr)
+    return checkpoint.load(
+        args.checkpoint or GptOssConfig.tiny(), dtype=args.dtype, mesh=mesh, moe_impl=args.moe_impl,
+        attention_impl=args.attention_impl, seed=args.seed,
+    )
 
 
 def _printer(args: argparse.Namespace):

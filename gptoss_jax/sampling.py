@@ -136,8 +136,8 @@ class Sampler:
         """Runs each prompt until a stop token or `max_new_tokens`; `on_token(row, token)` streams tokens."""
         if self.mesh is None:
             return self._generate(prompts, max_new_tokens, strategy, seed, stop_tokens, on_token)
-        if len(prompts) % self.mesh.shape["data"]:
-            raise ValueError(f"{len(prompts)} prompts cannot be split over the data axis of size {self.mesh.shape['data']}")
+        if len(prompts) % sharding.batch_shards(self.mesh):
+            raise ValueError(f"{len(prompts)} prompts cannot be split {sharding.batch_shards(self.mesh)} ways over the mesh's batch axis")
         with jax.set_mesh(self.mesh):
             return self._generate(prompts, max_new_tokens, strategy, seed, stop_tokens, on_token)
 
@@ -157,7 +157,7 @@ class Sampler:
             padded[row, : len(prompt)] = prompt
         cache = self.model.init_cache(len(prompts), min(_round_up(padded.shape[1] + max_new_tokens, self.bucket), context))
         if self.mesh is not None:
-            cache = jax.tree.map(sharding.place, cache, sharding.cache_sharding(cache, self.mesh))
+            cache = sharding.place_tree(cache, cache.logical_axes(), self.mesh)
         keys = jax.random.split(jax.random.key(seed), max_new_tokens)
         model = nnx.split(self.model)  # per call: the model's parameters may have changed since the last one
 

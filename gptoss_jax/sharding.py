@@ -1,9 +1,10 @@
-"""Device meshes, the one table from logical axis names to mesh axes, and expert-parallel MoE.
+"""Device meshes, the one table from logical axis names to mesh axes, specs and placement.
 
-Mesh axes: `data` splits the batch, `expert` splits the experts (expert parallelism through
+Mesh axes: `data` splits the batch, `expert` splits the experts (expert parallelism: `moe.apply`'s
 `shard_map`), `model` splits the attention heads (tensor parallelism, left to XLA's propagation).
 Every parameter carries logical axis names (see `model.py`); `RULES` is the only place that maps them
-to mesh axes. No other module names a mesh axis.
+to mesh axes, and no other module names a mesh axis or writes a `PartitionSpec`. A leaf: it imports
+nothing of the model.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gptoss_jax import moe
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kv_cache import KVCache, LayerCache
 
 AXES = ("data", "expert", "model")
 RULES: dict[str, str | None] = {
@@ -77,6 +76,10 @@ def variable_spec(variable: nnx.Variable) -> PartitionSpec:
     return spec(tuple(variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim))
 
 
+def named(mesh: Mesh, logical: tuple[str | None, ...]) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical))
+
+
 def place(value, sharding: NamedSharding) -> jax.Array:
     """A host or single-device array as a global array on `sharding`: each device takes only its slice
     (every process passes the same value, so this works across hosts too)."""
@@ -103,11 +106,22 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     )
 
 
-def cache_sharding(cache: KVCache, mesh: Mesh) -> KVCache:
-    """Shardings for a KV cache: rows over `data`, kv heads over `model`."""
-    layer = NamedSharding(mesh, spec(("layers", "batch", None, "kv_heads", "head_dim")))
-    stack = LayerCache(k=layer, v=layer)
-    return KVCache(sliding=stack, full=stack, lengths=NamedSharding(mesh, spec(("batch",))))
+def place_tree(tree, logical_tree, mesh: Mesh):
+    """`place`s every array of `tree` on `mesh` per the logical axes at the same spot of `logical_tree`."""
+    return jax.tree.map(lambda value, logical: place(value, named(mesh, logical)), tree, logical_tree)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways `mesh` splits the batch (a batch must be a multiple of it)."""
+    return mesh.shape[RULES["batch"]]
+
+
+def split_axis(logical: str) -> str | None:
+    """The mesh axis that the active mesh splits `logical` over, or None (no mesh, or that axis is 1)."""
+    mesh, axis = jax.sharding.get_abstract_mesh(), RULES[logical]
+    if mesh.empty or axis is None or mesh.shape.get(axis, 1) == 1:
+        return None
+    return axis
 
 
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
@@ -116,72 +130,3 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical)))
-
-
-def apply_experts(impl: str, experts: moe.Experts, t_BTH, experts_BTK, weights_BTK) -> jax.Array:
-    """`moe.apply_experts`, expert-parallel when the active mesh has an expert axis > 1.
-
-    Each expert shard holds E / n experts. One token per row (decode): every shard runs its local
-    experts on the tokens that chose them and the outputs are summed (`psum`). Longer inputs
-    (prefill, training): the tokens are split across the expert shards, each token copy is sent to
-    the shard owning its expert and back (`all_to_all`), with room for every copy (dropless).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("expert", 1) == 1:
-        return moe.apply_experts(impl, experts, t_BTH, experts_BTK, weights_BTK)
-    routed = spec(("batch", None, None))
-    expert_specs = jax.tree.map(lambda _: spec(("experts",)), experts)
-    body = _local_then_sum if t_BTH.shape[1] == 1 else _dispatch
-    run = jax.shard_map(
-        lambda e, t, i, w: body(impl, e, t, i, w),
-        mesh=mesh, in_specs=(expert_specs, routed, routed, routed), out_specs=routed, check_vma=False,
-    )
-    return run(experts, t_BTH, experts_BTK, weights_BTK)
-
-
-def _local_ids(experts: moe.Experts, experts_BTK, weights_BTK):
-    """Global expert ids -> ids among this shard's experts; weight 0 where another shard owns the expert."""
-    local_count = experts.mlp1_bias.shape[0]
-    local = experts_BTK - jax.lax.axis_index("expert") * local_count
-    mine = (local >= 0) & (local < local_count)
-    return jnp.where(mine, local, 0), jnp.where(mine, weights_BTK, 0)
-
-
-def _local_then_sum(impl, experts, t_BTH, experts_BTK, weights_BTK):
-    local, weights = _local_ids(experts, experts_BTK, weights_BTK)
-    return jax.lax.psum(moe.apply_experts(impl, experts, t_BTH, local, weights), "expert")
-
-
-def _dispatch(impl, experts, t_BTH, experts_BTK, weights_BTK):
-    """All-to-all expert parallelism for one (data, expert) shard; see `apply_experts`."""
-    n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
-    local_count = experts.mlp1_bias.shape[0]
-    B, T, H = t_BTH.shape
-    K = experts_BTK.shape[-1]
-    per_shard = -(-B * T // n)  # tokens this shard dispatches (the batch rows are split n ways)
-    pad = per_shard * n - B * T
-
-    def mine(x, fill):  # this shard's slice of the flattened (padded) tokens
-        x = jnp.concatenate([x.reshape(B * T, *x.shape[2:]), jnp.full((pad, *x.shape[2:]), fill, x.dtype)])
-        return jax.lax.dynamic_slice_in_dim(x, me * per_shard, per_shard)
-
-    x_MH, ids_MK, w_MK = mine(t_BTH, 0), mine(experts_BTK, 0), mine(weights_BTK, 0)
-    pairs = per_shard * K  # capacity per destination: every token copy could go to one shard
-    owner = (ids_MK // local_count).reshape(pairs)
-    order = jnp.argsort(owner, stable=True)
-    first_of_owner = jnp.searchsorted(owner[order], jnp.arange(n))
-    slot = jnp.zeros(pairs, jnp.int32).at[order].set(jnp.arange(pairs) - first_of_owner[owner[order]])
-    token = jnp.arange(pairs) // K
-    send_x = jnp.zeros((n, pairs, H), x_MH.dtype).at[owner, slot].set(x_MH[token])
-    send_id = jnp.full((n, pairs), -1, jnp.int32).at[owner, slot].set((ids_MK % local_count).reshape(pairs))
-    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)
-    recv_id = jax.lax.all_to_all(send_id, "expert", 0, 0).reshape(1, n * pairs, 1)
-    valid = recv_id >= 0
-    y = moe.apply_experts(
-        impl, experts, recv_x.reshape(1, n * pairs, H), jnp.where(valid, recv_id, 0), valid.astype(x_MH.dtype)
-    )
-    back = jax.lax.all_to_all(y.reshape(n, pairs, H), "expert", 0, 0)
-    y_MKH = back[owner, slot].reshape(per_shard, K, H)
-    out_MH = jnp.einsum("mkh,mk->mh", y_MKH, w_MK.astype(y_MKH.dtype))
-    every = jax.lax.all_gather(out_MH, "expert", tiled=True)[: B * T]
-    return every.reshape(B, T, H)

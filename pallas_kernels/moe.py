@@ -1,6 +1,7 @@
 """The MoE experts (SPEC 2.4 steps 4-8) as two grouped MXFP4 matmuls.
 
-Each token's K (token, expert) copies are sorted by expert so every expert sees one contiguous run
+The caller sorts each token's K (token, expert) copies by expert (`order_C`, `group_sizes_E`: the
+routing sort, written once in `gptoss_jax.moe.sort_by_expert`), so every expert sees one contiguous run
 of rows; mlp1 (+ bias + clamped SwiGLU) and mlp2 (+ bias, times the routing weight) run as grouped
 matmuls over those runs; the copies are then put back in token order and summed over k.
 """
@@ -15,8 +16,9 @@ from pallas_kernels.grouped_matmul import grouped_matmul
 
 def experts_mlp(
     x_MH: jax.Array,
-    experts_MK: jax.Array,
     weights_MK: jax.Array,
+    order_C: jax.Array,
+    group_sizes_E: jax.Array,
     mlp1_blocks: jax.Array,
     mlp1_scales: jax.Array,
     mlp1_bias: jax.Array,
@@ -32,12 +34,9 @@ def experts_mlp(
     """Σ_k w_k · (W2[e_k] · swiglu(W1[e_k] · x + b1[e_k]) + b2[e_k]) for every token; `[M, H]` in x's dtype.
 
     mlp1 is `[E, 2I, H]` packed (gate/linear interleaved), mlp2 `[E, H, I]` packed, as in the checkpoint.
+    `order_C` lists the C = M*K copies (token-major) grouped by expert; `group_sizes_E` counts each group.
     """
-    num_tokens, top_k = experts_MK.shape
-    num_experts = mlp1_bias.shape[0]
-    experts_C = experts_MK.reshape(-1)  # C = M*K copies, token-major
-    order_C = jnp.argsort(experts_C, stable=True)
-    group_sizes_E = jnp.bincount(experts_C, length=num_experts).astype(jnp.int32)
+    num_tokens, top_k = weights_MK.shape
     tokens_C = order_C // top_k
     kernels = dict(backend=backend, interpret=interpret)
     act_CI = grouped_matmul(

@@ -36,7 +36,7 @@ def test_matches_transformers(config):
     assert _max_error(config, model) < ATOL
 
 
-@pytest.mark.parametrize("moe_impl", ["gather", "expert_scan"])
+@pytest.mark.parametrize("moe_impl", ["gather", "grouped"])
 def test_each_moe_implementation_matches_transformers(moe_impl):
     config = CONFIGS["wide"]
     assert _max_error(config, build(config, moe_impl=moe_impl)) < ATOL

@@ -1,12 +1,12 @@
-"""The CPU decode paths, `moe.matvec` (a loop of float32 matrix-vector products) and `moe.native_matvec`
-(the C++ kernel), equal `moe.gather`."""
+"""`moe.gather`'s CPU lowering (the C++ kernel on packed experts) equals its XLA formulation, in values
+and gradients, and `auto` picks it for decode on CPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax import moe, native
+from gptoss_jax import kernels, moe
 
 E, K, H, I = 5, 3, 96, 160  # every width differs (and in/32 = 3, 5 blocks), so a swapped axis shows
 
@@ -22,7 +22,7 @@ def _experts(expert_format: str, rng: np.random.Generator) -> moe.Experts:
             blocks = rng.integers(0, 256, (E, out, inner // 32, 16), dtype=np.uint8)
             scales = rng.integers(122, 128, (E, out, inner // 32), dtype=np.uint8)  # 2^-5..2^0
             return moe.PackedMatrices(jnp.asarray(blocks), jnp.asarray(scales))
-        return moe.DenseMatrices(jnp.asarray(rng.standard_normal((E, inner, out), np.float32) * inner**-0.5))
+        return moe.DenseMatrices(jnp.asarray(rng.standard_normal((E, out, inner), np.float32) * inner**-0.5))
 
     bias = lambda width: jnp.asarray(rng.standard_normal((E, width), np.float32) * 0.1)  # noqa: E731
     return moe.Experts(matrices(2 * I, H), bias(2 * I), matrices(H, I), bias(H), alpha=1.702, limit=7.0)
@@ -42,34 +42,26 @@ def _close(actual, reference):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(reference), rtol=TOL, atol=TOL * scale)
 
 
-IMPLS = [("matvec", "mxfp4"), ("matvec", "bf16"), ("native", "mxfp4")]
-CPU_DECODE = {"matvec": moe.matvec, "native": moe.native_matvec}
+def _program(*args) -> str:
+    return str(jax.make_jaxpr(moe.gather)(*args))
 
 
-@pytest.mark.parametrize("impl, expert_format", IMPLS)
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 3)])  # decode, batched decode, a few tokens
-def test_cpu_decode_matches_gather(impl, expert_format, B, T):
+def test_cpu_kernel_matches_xla(B, T):
+    assert kernels.cpu_kernels()  # CI's CPU has a C++ compiler
     rng = np.random.default_rng(B * 10 + T)
-    experts = _experts(expert_format, rng)
-    tokens, experts_BTK, weights = _routing(B, T, rng)
-    out = jax.jit(CPU_DECODE[impl])(experts, tokens, experts_BTK, weights)
-    _close(out, jax.jit(moe.gather)(experts, tokens, experts_BTK, weights))
+    experts = _experts("mxfp4", rng)
+    args = (experts, *_routing(B, T, rng))
+    assert "gptoss_mxfp4_matvec" in _program(*args)
+    _close(jax.jit(moe.gather)(*args), jax.jit(moe._gather)(*args))
 
 
-@pytest.mark.parametrize("expert_format", ["mxfp4", "bf16"])
-def test_matrix_matvec_matches_decoded_weights(expert_format):
-    """Each stored matrix's `matvec` against its decoded `weights` (for MXFP4 the `mxfp4.dequantize`
-    reference), every expert, so the float16 code trick and the block transpose are checked alone."""
-    rng = np.random.default_rng(7)
-    mlp1 = _experts(expert_format, rng).mlp1
-    x = jnp.asarray(rng.standard_normal(H), jnp.float32)
-    for e in range(E):
-        reference = mlp1.weights(jnp.float32)[e] @ x
-        _close(jax.jit(mlp1.matvec)(jnp.int32(e), x), reference)
+def test_dense_experts_stay_on_xla():
+    rng = np.random.default_rng(2)
+    assert "gptoss_mxfp4_matvec" not in _program(_experts("bf16", rng), *_routing(1, 1, rng))
 
 
-@pytest.mark.parametrize("impl", CPU_DECODE)
-def test_zero_weight_pairs_come_out_zero(impl):
+def test_zero_weight_pairs_come_out_zero():
     """Expert-parallel decode gives other shards' experts weight 0 (and id 0): a token whose every pair
     has weight 0 comes out 0 even when its values would overflow."""
     rng = np.random.default_rng(3)
@@ -77,15 +69,29 @@ def test_zero_weight_pairs_come_out_zero(impl):
     tokens, experts_BTK, weights = _routing(2, 1, rng)
     weights = weights.at[1].set(0.0)
     poisoned = tokens.at[1].set(jnp.inf)
-    out = np.asarray(jax.jit(CPU_DECODE[impl])(experts, poisoned, experts_BTK, weights))
+    out = np.asarray(jax.jit(moe.gather)(experts, poisoned, experts_BTK, weights))
     assert (out[1] == 0).all()
-    _close(out[:1], moe.gather(experts, tokens[:1], experts_BTK[:1], weights[:1]))
+    _close(out[:1], moe._gather(experts, tokens[:1], experts_BTK[:1], weights[:1]))
 
 
-def test_auto_picks_the_native_kernel_for_decode_on_cpu():
-    assert jax.default_backend() == "cpu" and native.available()  # CI has a C++ compiler
-    rng = np.random.default_rng(5)
+def test_cpu_kernel_gradients_are_xlas():
+    """The kernel has no VJP: `gather` differentiates as `_gather` (inputs, biases and routing weights)."""
+    rng = np.random.default_rng(4)
     experts = _experts("mxfp4", rng)
-    args = (experts, *_routing(1, 1, rng))
-    auto = jax.jit(lambda *a: moe.apply_experts("auto", *a))(*args)
-    np.testing.assert_array_equal(np.asarray(auto), np.asarray(jax.jit(moe.native_matvec)(*args)))  # the same program
+    tokens, experts_BTK, weights = _routing(2, 1, rng)
+
+    def loss(function):
+        return lambda experts, tokens, weights: (function(experts, tokens, experts_BTK, weights) ** 2).sum()
+
+    grads = jax.jit(jax.grad(loss(moe.gather), argnums=(0, 1, 2), allow_int=True))(experts, tokens, weights)
+    expected = jax.jit(jax.grad(loss(moe._gather), argnums=(0, 1, 2), allow_int=True))(experts, tokens, weights)
+    for got, want in zip(jax.tree.leaves(grads[0]) + list(grads[1:]), jax.tree.leaves(expected[0]) + list(expected[1:])):
+        if got.dtype == jax.dtypes.float0:  # the packed bytes: integers, no gradient
+            continue
+        _close(got, want)
+
+
+def test_auto_picks_the_cpu_kernel_for_decode():
+    rng = np.random.default_rng(5)
+    args = (_experts("mxfp4", rng), *_routing(1, 1, rng))
+    assert "gptoss_mxfp4_matvec" in str(jax.make_jaxpr(lambda *a: moe.apply("auto", *a))(*args))

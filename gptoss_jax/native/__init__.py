@@ -4,8 +4,8 @@ XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured,
 matrix-vector product at 2-10 GB/s, far below memory bandwidth, so one-token decode of gpt-oss was
 bound by arithmetic, not bytes. `matvec.cc` reads each weight byte once and converts it in registers.
 It is compiled on first use with the machine's C++ compiler (`-march=native`, a few seconds, cached
-under `~/.cache/gptoss-jax/native/`), so installing the package needs no compiler; without one, or with `GPTOSS_JAX_NATIVE=0`, `available()`
-is False and the model keeps its XLA paths.
+under `~/.cache/gptoss-jax/native/`), so installing the package needs no compiler; without one
+`available()` is False and the XLA formulations serve. `gptoss_jax.kernels` decides where these run.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _build() -> Path:
 @functools.cache
 def available() -> bool:
     """True once the kernels are compiled, loaded and registered with XLA for the CPU."""
-    if os.environ.get("GPTOSS_JAX_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):  # x86 intrinsics (AVX-512 where the CPU has it)
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
@@ -83,14 +83,14 @@ def _require() -> None:
         raise RuntimeError("the native CPU kernels are unavailable (see the warning above); use an XLA implementation")
 
 
-def mxfp4_matvec(x_PC: jax.Array, blocks_PRG16: jax.Array, scales_PRG: jax.Array) -> jax.Array:
+def mxfp4_matvec(x_PC: jax.Array, blocks_PRJ16: jax.Array, scales_PRJ: jax.Array) -> jax.Array:
     """`y[p] = W_p @ x[p]` in float32 for P packed matrices `W_p [R, C]` (CPU only; see `available`)."""
     _require()
-    P, R, G, _ = blocks_PRG16.shape
-    if x_PC.shape != (P, G * 32) or scales_PRG.shape != (P, R, G):
-        raise ValueError(f"x {x_PC.shape}, blocks {blocks_PRG16.shape} and scales {scales_PRG.shape} do not match")
+    P, R, J, _ = blocks_PRJ16.shape
+    if x_PC.shape != (P, J * 32) or scales_PRJ.shape != (P, R, J):
+        raise ValueError(f"x {x_PC.shape}, blocks {blocks_PRJ16.shape} and scales {scales_PRJ.shape} do not match")
     call = jax.ffi.ffi_call("gptoss_mxfp4_matvec", jax.ShapeDtypeStruct((P, R), jnp.float32))
-    return call(x_PC.astype(jnp.float32), blocks_PRG16, scales_PRG)
+    return call(x_PC.astype(jnp.float32), blocks_PRJ16, scales_PRJ)
 
 
 def bf16_matvec(x_C: jax.Array, w_RC: jax.Array) -> jax.Array:

@@ -1,12 +1,12 @@
-"""`model.project`: the one-token CPU paths (multiply-and-sum, native bf16 kernel) equal the einsum they stand in for."""
+"""`kernels.project`: one bfloat16 token on CPU runs the C++ kernel, which equals (and differentiates as) the einsum."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax import native
-from gptoss_jax.model import project
+from gptoss_jax import kernels
+from gptoss_jax.kernels import project
 
 N, G, D, H, V = 2, 3, 5, 7 * 32, 37  # every width differs, so a swapped axis shows
 
@@ -18,7 +18,7 @@ SPECS = {  # the model's four projections: (spec, x shape without B, T, w shape)
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # multiply-and-sum, or the native kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # the einsum, or the C++ kernel
 @pytest.mark.parametrize("name", SPECS)
 def test_one_token_matches_einsum(name, dtype):
     spec, x_shape, w_shape = SPECS[name]
@@ -27,8 +27,9 @@ def test_one_token_matches_einsum(name, dtype):
     w = jnp.asarray(rng.standard_normal(w_shape), dtype)
     ours = jax.jit(project, static_argnums=0)(spec, x, w)
     program = str(jax.make_jaxpr(project, static_argnums=0)(spec, x, w))
-    assert "dot_general" not in program  # the CPU path ran
-    assert ("gptoss_bf16_matvec" in program) == (dtype == jnp.bfloat16 and native.available())
+    assert kernels.cpu_kernels()  # CI's CPU has a C++ compiler
+    assert ("gptoss_bf16_matvec" in program) == (dtype == jnp.bfloat16)
+    assert ("dot_general" in program) == (dtype == jnp.float32)
     reference = jnp.einsum(spec, x, w, precision="highest", preferred_element_type=jnp.float32).astype(dtype)
     # float32 sums both ways (bf16 x bf16 products are exact in float32): only the order of the <= 224
     # summed products differs (~1e-7 relative of outputs ~15), then the same rounding to the output
@@ -51,3 +52,20 @@ def test_bfloat16_output_dtype_and_more_tokens_use_einsum():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-5, atol=1e-5 * float(jnp.abs(reference).max()))
     two = jnp.concatenate([x, x], axis=1)
     assert "dot_general" in str(jax.make_jaxpr(lambda a, b: project("bth,vh->btv", a, b))(two, w))
+
+
+def test_one_token_gradients_are_the_einsums():
+    """The kernel has no VJP of its own: `kernels.with_reference_vjp` differentiates it as the einsum."""
+    spec, x_shape, w_shape = SPECS["q"]
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1, 1, *x_shape)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.standard_normal((1, 1, N, G, D)), jnp.float32)
+
+    def loss(function):
+        return lambda x, w: (function(x, w).astype(jnp.float32) * cotangent).sum()
+
+    ours = jax.jit(jax.grad(loss(lambda x, w: project(spec, x, w)), argnums=(0, 1)))(x, w)
+    einsum = jax.jit(jax.grad(loss(lambda x, w: jnp.einsum(spec, x, w)), argnums=(0, 1)))(x, w)
+    for got, expected in zip(ours, einsum):  # the same program: the einsum's own VJP
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
