@@ -43,7 +43,7 @@ def _bind(fn, *args) -> Callable[[], jax.Array]:
 
 
 def experts(config: GptOssConfig, tokens: int) -> Thunks:
-    """One MoE layer's experts for `tokens` tokens: the grouped kernels vs `moe.apply_experts("auto")`."""
+    """One MoE layer's experts for `tokens` tokens: the grouped kernels vs `moe.apply("auto")`."""
     E, K, H, I = config.num_experts, config.experts_per_token, config.hidden_size, config.intermediate_size
     keys = jax.random.split(jax.random.key(0), 7)
     x_MH = _normal(keys[0], (tokens, H))
@@ -54,11 +54,12 @@ def experts(config: GptOssConfig, tokens: int) -> Thunks:
     alpha, limit = config.swiglu_alpha, config.swiglu_limit
 
     def ours(x, ids, w, mlp1, b1, mlp2, b2):
-        return experts_mlp(x, ids, w, *mlp1, b1, *mlp2, b2, alpha=alpha, limit=limit, interpret=interpret())
+        order, counts = moe.sort_by_expert(ids.reshape(-1), E)
+        return experts_mlp(x, w, order, counts, *mlp1, b1, *mlp2, b2, alpha=alpha, limit=limit, interpret=interpret())
 
     def xla(x, ids, w, mlp1, b1, mlp2, b2):
         packed = moe.Experts(moe.PackedMatrices(*mlp1), b1, moe.PackedMatrices(*mlp2), b2, alpha=alpha, limit=limit)
-        return moe.apply_experts("auto", packed, x[None], ids[None], w[None])[0]
+        return moe.apply("auto", packed, x[None], ids[None], w[None])[0]
 
     args = (x_MH, ids_MK, w_MK, mlp1, b1, mlp2, b2)
     return _bind(ours, *args), _bind(xla, *args)

@@ -1,8 +1,8 @@
 """Published checkpoint -> converted Orbax checkpoint, streamed tensor by tensor, all or nothing.
 
 Bytes are copied, never re-encoded: MXFP4 blocks and scales and bf16 tensors keep their exact bits
-(only reshaped into the parameter tree). Dense bf16 experts (fine-tunes) are packed to MXFP4 on
-request. Everything is written into a hidden sibling of DST that is renamed into place on success,
+(only reshaped into the parameter tree; dense bf16 experts also transposed to our `[E, out, in]`).
+Dense bf16 experts (fine-tunes) are packed to MXFP4 on request. Everything is written into a hidden sibling of DST that is renamed into place on success,
 so a failure or a kill never leaves anything at DST.
 """
 
@@ -18,9 +18,10 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from convert import layouts
 from convert.safetensors_io import CheckpointError, StoredTensor
 from convert.sources import Source, open_source
-from gptoss_jax import layouts, mxfp4
+from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint import STACKS, PartialWriter, row_chunks
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
@@ -88,7 +89,7 @@ def _leaf_shapes(config: GptOssConfig, expert_format: str) -> dict[layouts.Param
 def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, pack: bool):
     """((param path, layer, chunk index, rows), source bytes read) for each piece of one checkpoint tensor.
 
-    Rows are read from the file chunk by chunk and only reshaped, so their bytes are the source's.
+    Rows are read from the file chunk by chunk and only reshaped (or transposed), so their bits are the source's.
     """
     row_bytes = stored.nbytes // stored.shape[0]
     for target in tensor.targets:
@@ -96,6 +97,8 @@ def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, pack: 
         per_leaf_row = (target.stop - target.start) // leaf_shape[0]  # checkpoint rows per parameter row
         for chunk, (start, stop) in enumerate(row_chunks(leaf_shape[0], per_leaf_row * row_bytes)):
             rows = stored.read(target.start + start * per_leaf_row, target.start + stop * per_leaf_row)
+            if target.transpose:
+                rows = np.ascontiguousarray(np.swapaxes(rows, -1, -2))
             if pack and target.path[-1].endswith("_weight"):
                 yield from _packed_experts(target, chunk, rows)
             else:
@@ -103,8 +106,8 @@ def _chunks(tensor: layouts.Tensor, stored: StoredTensor, leaf_shapes, *, pack: 
 
 
 def _packed_experts(target: layouts.Target, chunk: int, experts: np.ndarray):
-    """Dense bf16 experts `[e, in, out]` packed to MXFP4 blocks and scales `[e, out, ...]`, one expert at a time."""
-    packed = [mxfp4.quantize(np.asarray(expert, np.float32).T) for expert in experts]
+    """Dense bf16 experts `[e, out, in]` packed to MXFP4 blocks and scales `[e, out, ...]`, one expert at a time."""
+    packed = [mxfp4.quantize(np.asarray(expert, np.float32)) for expert in experts]
     *parent, name = target.path
     for part, pieces, read in (("_blocks", [b for b, _ in packed], experts.nbytes), ("_scales", [s for _, s in packed], 0)):
         yield ((*parent, name.replace("_weight", part)), target.layer, chunk, np.stack(pieces)), read

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from convert import layouts
 from convert.safetensors_io import CheckpointError, StoredTensor, read_header
-from gptoss_jax import layouts
 from gptoss_jax.checkpoint import row_chunks
 from gptoss_jax.config import GptOssConfig
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import tqdm
 
-from convert import safetensors_io
+from convert import layouts, safetensors_io
 from convert.sources import INDEX
-from gptoss_jax import layouts, mxfp4
+from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
 
 SHARD_BYTES = 4_800_000_000  # the HF converter's shard cap

@@ -8,12 +8,16 @@ Layout of a converted checkpoint directory:
                     {"0": {"0": rows, "1": rows, ...}, "1": ...}}}}; unstacked ones skip the layer key.
 
 Per-layer, chunked leaves let the converter stream a checkpoint (Orbax partial saves) with memory
-bounded by a chunk, and let `load` fill each stacked parameter layer by layer.
+bounded by a chunk, let `load` fill each stacked parameter layer by layer, and let each host of a
+multi-host `load` read only the chunks its devices hold rows of.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, Sharding
 
 from gptoss_jax import sharding
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.lora import LoraSpec
 from gptoss_jax.model import GptOss
 
 FORMAT = "gptoss-jax/1"
@@ -110,14 +115,95 @@ def _set_layer(stacked: jax.Array, layer_value: jax.Array, layer: jax.Array) -> 
     return jax.lax.dynamic_update_index_in_dim(stacked, layer_value.astype(stacked.dtype), layer, 0)
 
 
-def load(path: str | Path, *, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None) -> GptOss:
-    """Restores a converted checkpoint into a `GptOss`; `dtype="float32"` gives the float32 parity mode.
+def _placements(mesh: Mesh | None, variable: nnx.Variable, *, stacked: bool) -> tuple[Sharding, Sharding]:
+    """Where a parameter goes and where one of its layers goes: this process's first device without a
+    mesh; else by its logical axes (a layer's are those after the leading `layers`)."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return device, device
+    whole = NamedSharding(mesh, sharding.variable_spec(variable))
+    if not stacked:
+        return whole, whole
+    logical = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
+    return whole, NamedSharding(mesh, sharding.spec(tuple(logical[1:])))
 
-    Each stacked parameter is filled in place one layer at a time, so the peak is the model plus a
-    layer's piece of one parameter. With a `mesh` every parameter is built directly on it: each
-    device receives only its shard (see `sharding.RULES`).
+
+def _local_context() -> ocp.Context:
+    """Orbax options for reads by this process alone: no barrier with the other processes."""
+    context = ocp.Context()
+    context.multiprocessing.active_processes = {jax.process_index()}
+    context.multiprocessing.primary_host = jax.process_index()
+    context.pytree.loading.partial_load = True  # only the chunks asked for
+    return context
+
+
+def _read_chunks(directory: Path, keys: list[str], chunks: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The stored row chunks named in `chunks` (name -> metadata) of one layer of one parameter, on the host."""
+    with _local_context():
+        return _get(ocp.load(directory / PARAMS, _nest([(keys + [c], m) for c, m in chunks.items()])), keys)
+
+
+def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target, placement: Sharding) -> jax.Array:
+    """One layer of one parameter (or an unstacked parameter) as a global array on `placement`.
+
+    This process reads only the stored chunks that overlap the rows of its own devices' shards, and
+    each of its devices takes its slice of them (in the target dtype) from the host.
     """
-    path = Path(path).absolute()  # Orbax wants absolute paths
+    name = "/".join(keys)
+    try:
+        chunks = _get(stored, keys)
+        bounds = list(itertools.accumulate(chunks[str(c)].shape[0] for c in range(len(chunks))))
+        shape = (bounds[-1], *chunks["0"].shape[1:])
+    except (KeyError, IndexError):
+        raise ValueError(f"{directory}: parameter {name} is missing or incomplete") from None
+    if shape != target.shape:
+        raise ValueError(f"{directory}: parameter {name} has shape {shape}, the config implies {target.shape}")
+    spans = {str(c): (start, stop) for c, (start, stop) in enumerate(zip([0, *bounds], bounds))}
+    mine = [index[0].indices(shape[0])[:2] for index in placement.addressable_devices_indices_map(shape).values()]
+    wanted = [c for c, (start, stop) in spans.items() if any(lo < stop and start < hi for lo, hi in mine)]
+    rows = _read_chunks(directory, keys, {c: chunks[c] for c in wanted})
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        lo, hi, _ = index[0].indices(shape[0])
+        pieces = [rows[c][max(lo, start) - start : min(hi, stop) - start]
+                  for c, (start, stop) in spans.items() if lo < stop and start < hi]
+        return np.concatenate(pieces)[(slice(None), *index[1:])].astype(target.dtype, copy=False)
+
+    return jax.make_array_from_callback(shape, placement, shard)
+
+
+def load(
+    source: str | Path | GptOssConfig, *, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None,
+    moe_impl: str = "auto", attention_impl: str = "xla", lora: LoraSpec | None = None, remat: str = "none", seed: int = 0,
+) -> GptOss:
+    """The model builder: a converted checkpoint (a directory) or random weights (a `GptOssConfig`,
+    drawn from `seed`), in `dtype` (bfloat16; "float32" for parity), on `mesh`, with every switch of
+    `GptOss` (`moe_impl`, `attention_impl`; `lora` adapters over the loaded base, new ones with B = 0;
+    `remat` for training).
+
+    Without a `mesh` the model lands on this process's first device; with one, every parameter is
+    built directly on it (see `sharding.RULES`). Each stacked parameter is filled in place one layer
+    at a time, so the peak is the model plus a layer's piece of one parameter.
+
+    Multi-host: every process calls `load` with the same arguments. Each reads, from the host, only the
+    stored chunks that overlap its own devices' shards and hands them to those devices alone, so no
+    process touches another's device or reads rows it will not hold. Its Orbax reads are local
+    (`active_processes` is just this process, so Orbax sets no barrier): processes reading different
+    chunks cannot wait on each other, and a missing file fails each process on its own. With a mesh over
+    every process (as `sharding.make_mesh` builds) each process makes one read per parameter layer, the
+    same count everywhere, which keeps Orbax's operation ids, and so later multi-process saves, in step.
+    The `_set_layer` updates are SPMD computations without communication that all processes run in the
+    same order.
+    """
+    switches = dict(moe_impl=moe_impl, attention_impl=attention_impl, lora=lora, remat=remat)
+    if isinstance(source, GptOssConfig):
+        if mesh is not None:
+            sharding.check_fits(dict(mesh.shape), source)
+        model = GptOss(source, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype or jnp.bfloat16), **switches)
+        if mesh is not None:
+            sharding.shard_model(model, mesh)
+        return model
+    path = Path(source).absolute()  # Orbax wants absolute paths
     marker = path / MARKER
     metadata = json.loads(marker.read_text()) if marker.is_file() else {}
     if metadata.get("format") != FORMAT:
@@ -127,35 +213,35 @@ def load(path: str | Path, *, dtype: str | jnp.dtype | None = None, mesh: Mesh |
         sharding.check_fits(dict(mesh.shape), config)
     dtype = jnp.dtype(dtype or jnp.bfloat16)
     expert_format = metadata.get("expert_format", "mxfp4")
-    abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype, expert_format=expert_format))
+    abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype, expert_format=expert_format, **switches))
     graphdef, state = nnx.split(abstract)
-    stored = ocp.metadata(path / PARAMS).metadata
-    context = ocp.Context()
-    context.pytree.loading.partial_load = True  # one layer of one parameter at a time
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with _local_context():
+        stored = ocp.metadata(path / PARAMS).metadata
     flat = nnx.to_flat_state(state)
     for param_path, variable in flat:
-        param_path = tuple(str(p) for p in param_path)
-        target = variable.get_value()
-        stacked = param_path[0] in STACKS
-        placement = NamedSharding(mesh, sharding.variable_spec(variable)) if mesh is not None else device
-        value = jnp.zeros(target.shape, target.dtype, device=placement) if stacked else None
-        for layer in range(target.shape[0]) if stacked else [None]:
-            keys = _keys(param_path, layer)
-            try:
-                chunks = _get(stored, keys)
-            except KeyError:
-                raise ValueError(f"{path}: parameter {'/'.join(keys)} is missing") from None
-            abstract = _nest([(keys + [c], jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)) for c, m in chunks.items()])
-            with context:
-                pieces = _get(ocp.load(path / PARAMS, abstract), keys)
-            layer_value = jnp.concatenate([pieces[str(c)] for c in range(len(pieces))])
-            expected = target.shape[1:] if stacked else target.shape
-            if layer_value.shape != expected:
-                raise ValueError(f"{path}: parameter {'/'.join(keys)} has shape {layer_value.shape}, the config implies {expected}")
-            if mesh is not None:  # each device takes only its slice of this layer
-                layer_spec = placement.spec[1:] if stacked else placement.spec
-                layer_value = sharding.place(np.asarray(layer_value), NamedSharding(mesh, PartitionSpec(*layer_spec)))
-            value = _set_layer(value, layer_value, layer) if stacked else layer_value.astype(target.dtype)
+        param_path, target = tuple(str(p) for p in param_path), variable.get_value()
+        whole, per_layer = _placements(mesh, variable, stacked=param_path[0] in STACKS)
+        if isinstance(variable, nnx.LoRAParam):
+            value = _new_adapter(param_path, variable, whole, seed)
+        elif param_path[0] not in STACKS:
+            value = _load_layer(path, stored, _keys(param_path, None), target, whole)
+        else:
+            value = jnp.zeros(target.shape, target.dtype, device=whole)
+            layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype)
+            for layer in range(target.shape[0]):
+                layer_value = _load_layer(path, stored, _keys(param_path, layer), layer_target, per_layer)
+                value = _set_layer(value, layer_value, layer)
         variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _new_adapter(param_path: tuple[str, ...], variable: nnx.Variable, placement, seed: int) -> jax.Array:
+    """A new LoRA factor on `placement`, as `lora.LoRA` makes it: B zero; A normal with std
+    1/sqrt(inputs), the inputs being the axes after its `lora` (rank) axis."""
+    target = variable.get_value()
+    if param_path[-1] == "b":
+        return jnp.zeros(target.shape, target.dtype, device=placement)
+    inputs = math.prod(target.shape[list(variable.get_metadata()["out_sharding"]).index("lora") + 1 :])
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(param_path).encode()))
+    draw = jax.jit(lambda: (jax.random.normal(key, target.shape) * inputs**-0.5).astype(target.dtype), out_shardings=placement)
+    return draw()

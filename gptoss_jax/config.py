@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-MXFP4_BLOCK = 32  # values per MXFP4 scale; expert contraction axes must be multiples of it
+from gptoss_jax.mxfp4 import BLOCK as MXFP4_BLOCK  # expert contraction axes must be multiples of it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

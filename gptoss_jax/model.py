@@ -13,6 +13,7 @@ experts stay MXFP4-packed and are decoded only where used (see `moe.py`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,9 +25,12 @@ from gptoss_jax import kernels, moe, sharding
 from gptoss_jax.kernels import project
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
+from gptoss_jax.lora import EXPERT_TARGETS, LoRA, LoraSpec, adapter_for, plus_update
 from gptoss_jax.mxfp4 import BLOCK
 
 ATTENTION_IMPLS = ("xla", "pallas")  # reference einsums, or pallas_kernels via `kernels.attend`
+# "layer": save only each layer's input; the rest are `jax.checkpoint_policies` that take no arguments.
+REMAT_POLICIES = ("none", "layer", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
 class Packed(nnx.Variable):
@@ -134,7 +138,7 @@ def attend(
 class Attention(nnx.Module):
     """Pre-norm GQA attention with sinks and residual: `x + out(attend(rope(q), rope(k), v))`."""
 
-    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, impl: str, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, sliding: bool, dtype, impl: str, lora: LoraSpec | None, rngs: nnx.Rngs):
         H, Q, N, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.config, self.window, self.impl = config, config.sliding_window if sliding else None, impl
         self.norm = RMSNorm(config, dtype)
@@ -148,6 +152,11 @@ class Attention(nnx.Module):
         self.out = _param(rngs, (H, Q, D), ("embed", "q_heads", "head_dim"), dtype, (Q * D) ** -0.5)
         self.out_bias = _param(rngs, (H,), ("embed",), dtype, 0.1)
         self.sinks = _param(rngs, (Q,), ("q_heads",), dtype, 1.0)
+        adapter = functools.partial(adapter_for, lora, dtype=dtype, rngs=rngs)  # None unless targeted
+        self.q_lora = adapter("q", (H,), (Q, D), ("embed",), ("q_heads", "head_dim"))
+        self.k_lora = adapter("k", (H,), (N, D), ("embed",), ("kv_heads", "head_dim"))
+        self.v_lora = adapter("v", (H,), (N, D), ("embed",), ("kv_heads", "head_dim"))
+        self.out_lora = adapter("out", (Q, D), (H,), ("q_heads", "head_dim"), ("embed",))
 
     def __call__(
         self, x_BTH: jax.Array, rope: tuple[jax.Array, jax.Array], q_pos_BT: jax.Array,
@@ -157,9 +166,9 @@ class Attention(nnx.Module):
         t = self.norm(x_BTH)
         # q head j = n * G + g belongs to kv head n = j // G (REF and HF alike).
         wq_NGDH, bq_NGD = self.q[...].reshape(N, G, *self.q.shape[1:]), self.q_bias[...].reshape(N, G, -1)
-        q = project("bth,ngdh->btngd", t, wq_NGDH) + bq_NGD
-        k = project("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...]
-        v = project("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...]
+        q = plus_update(project("bth,ngdh->btngd", t, wq_NGDH) + bq_NGD, self.q_lora, t)
+        k = plus_update(project("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...], self.k_lora, t)
+        v = plus_update(project("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...], self.v_lora, t)
         q_BTNGD, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
             keys, values, k_pos = k, v, q_pos_BT
@@ -172,13 +181,16 @@ class Attention(nnx.Module):
         else:
             o_BTNGD = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, sinks_NG, self.window)
         wo_HNGD = self.out[...].reshape(self.out.shape[0], N, G, -1)
-        return x_BTH + project("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...], cache
+        out_BTH = project("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...]
+        return x_BTH + plus_update(out_BTH, self.out_lora, o_BTNGD.reshape(*o_BTNGD.shape[:2], N * G, -1)), cache
 
 
 class MoE(nnx.Module):
     """Pre-norm mixture of experts with residual: route each token to K experts, weight their outputs."""
 
-    def __init__(self, config: GptOssConfig, *, dtype, impl: str, expert_format: str, rngs: nnx.Rngs):
+    def __init__(
+        self, config: GptOssConfig, *, dtype, impl: str, expert_format: str, lora: LoraSpec | None, rngs: nnx.Rngs
+    ):
         E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
         self.config, self.impl, self.expert_format = config, impl, expert_format
         self.norm = RMSNorm(config, dtype)
@@ -192,6 +204,9 @@ class MoE(nnx.Module):
             self.mlp2_weight = _param(rngs, (E, H, I), ("experts", "embed", "mlp"), dtype, I**-0.5)
         self.mlp1_bias = _param(rngs, (E, 2 * I), ("experts", "mlp"), dtype, 0.1)
         self.mlp2_bias = _param(rngs, (E, H), ("experts", "embed"), dtype, 0.1)
+        adapter = functools.partial(adapter_for, lora, dtype=dtype, rngs=rngs, experts=E)  # None unless targeted
+        self.mlp1_lora = adapter("mlp1", (H,), (2 * I,), ("embed",), ("mlp",))
+        self.mlp2_lora = adapter("mlp2", (I,), (H,), ("mlp",), ("embed",))
 
     def __call__(self, x_BTH: jax.Array) -> jax.Array:
         t = self.norm(x_BTH)
@@ -203,6 +218,7 @@ class MoE(nnx.Module):
         experts = moe.Experts(
             self._matrices("mlp1"), self.mlp1_bias[...], self._matrices("mlp2"), self.mlp2_bias[...],
             alpha=self.config.swiglu_alpha, limit=self.config.swiglu_limit,
+            mlp1_lora=_low_rank(self.mlp1_lora), mlp2_lora=_low_rank(self.mlp2_lora),
         )
         return x_BTH + moe.apply(self.impl, experts, t, experts_BTK, weights_BTK)
 
@@ -210,6 +226,10 @@ class MoE(nnx.Module):
         if self.expert_format == "mxfp4":
             return moe.PackedMatrices(getattr(self, f"{name}_blocks")[...], getattr(self, f"{name}_scales")[...])
         return moe.DenseMatrices(getattr(self, f"{name}_weight")[...])
+
+
+def _low_rank(adapter: LoRA | None) -> moe.LowRank | None:
+    return None if adapter is None else moe.LowRank(adapter.a[...], adapter.b[...], adapter.scale)
 
 
 def _packed(rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> tuple[Packed, Packed]:
@@ -229,10 +249,10 @@ class Block(nnx.Module):
 
     def __init__(
         self, config: GptOssConfig, *, sliding: bool, dtype, attention_impl: str, moe_impl: str, expert_format: str,
-        rngs: nnx.Rngs,
+        lora: LoraSpec | None, rngs: nnx.Rngs,
     ):
-        self.attn = Attention(config, sliding=sliding, dtype=dtype, impl=attention_impl, rngs=rngs)
-        self.mlp = MoE(config, dtype=dtype, impl=moe_impl, expert_format=expert_format, rngs=rngs)
+        self.attn = Attention(config, sliding=sliding, dtype=dtype, impl=attention_impl, lora=lora, rngs=rngs)
+        self.mlp = MoE(config, dtype=dtype, impl=moe_impl, expert_format=expert_format, lora=lora, rngs=rngs)
 
     def __call__(self, x_BTH, rope, q_pos_BT, plan, cache):
         x_BTH, cache = self.attn(x_BTH, rope, q_pos_BT, plan, cache)
@@ -259,6 +279,8 @@ class GptOss(nnx.Module):
     `dtype` sets parameters and activations (bfloat16 by default; float32 for parity);
     `moe_impl` picks the expert implementation (`moe.IMPLS`), `attention_impl` the attention one;
     `expert_format` is "mxfp4" (packed, as published) or "bf16" (dense, as fine-tunes ship).
+    For training: `lora` adds adapters (`LoraSpec`), `remat` recomputes each layer in the backward
+    pass ("layer": keep only its input; or a `jax.checkpoint_policies` name, `REMAT_POLICIES`).
     """
 
     def __init__(
@@ -270,6 +292,8 @@ class GptOss(nnx.Module):
         attention_impl: str = "xla",
         moe_impl: str = "auto",
         expert_format: str = "mxfp4",
+        lora: LoraSpec | None = None,
+        remat: str = "none",
     ):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention_impl {attention_impl!r}; choose one of {ATTENTION_IMPLS}")
@@ -279,11 +303,17 @@ class GptOss(nnx.Module):
             raise ValueError(f"unknown expert_format {expert_format!r}; choose one of {moe.EXPERT_FORMATS}")
         if moe_impl in moe.PACKED_ONLY and expert_format != "mxfp4":
             raise ValueError(f"moe_impl={moe_impl!r} runs MXFP4-packed experts; use expert_format='mxfp4'")
+        if moe_impl in moe.PACKED_ONLY and lora is not None and set(lora.targets) & set(EXPERT_TARGETS):
+            raise ValueError(f"moe_impl={moe_impl!r} cannot apply expert adapters; train with gather, grouped or auto")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {remat!r}; choose one of {REMAT_POLICIES}")
         V, H, L = config.vocab_size, config.hidden_size, config.num_hidden_layers
         self.config, self.dtype = config, jnp.dtype(dtype)
         self.embedding = _param(rngs, (V, H), ("vocab", "embed"), dtype, 1.0)
-        self.expert_format = expert_format
-        blocks = dict(dtype=dtype, attention_impl=attention_impl, moe_impl=moe_impl, expert_format=expert_format, rngs=rngs)
+        self.expert_format, self.remat = expert_format, remat
+        blocks = dict(
+            dtype=dtype, attention_impl=attention_impl, moe_impl=moe_impl, expert_format=expert_format, lora=lora, rngs=rngs
+        )
         self.sliding_blocks = _stacked_blocks(config, (L + 1) // 2, sliding=True, **blocks)
         self.full_blocks = _stacked_blocks(config, L // 2, sliding=False, **blocks) if L > 1 else None
         self.norm = RMSNorm(config, dtype)
@@ -291,9 +321,18 @@ class GptOss(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] (float32) of a whole sequence at positions 0..T-1."""
+        return self.unembed(self.hidden(tokens_BT))
+
+    def hidden(self, tokens_BT: jax.Array) -> jax.Array:
+        """The final norm's output [B, T, H] of a whole sequence: what the logits are made from (a
+        training loss unembeds it in chunks, `loss.cross_entropy`, never holding [T, V] logits)."""
         positions = query_positions(jnp.zeros(tokens_BT.shape[:1], jnp.int32), tokens_BT.shape[1])
         x_BTH, _ = self._layers(self._embed(tokens_BT), positions, None, None)
-        return self._logits(x_BTH)
+        return self.norm(x_BTH)
+
+    def unembed(self, h_BTH: jax.Array) -> jax.Array:
+        # float32 logits: sampling and log-probs need more than bf16's 8 bits of mantissa.
+        return project("bth,vh->btv", h_BTH, self.unembedding[...], jnp.float32)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
@@ -321,15 +360,11 @@ class GptOss(nnx.Module):
         new_cache = KVCache(sliding=sliding, full=full, lengths=cache.lengths + valid)
         if last_only:
             x_BTH = jnp.take_along_axis(x_BTH, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)
-        return self._logits(x_BTH), new_cache
+        return self.unembed(self.norm(x_BTH)), new_cache
 
     def _embed(self, tokens_BT: jax.Array) -> jax.Array:
         x_BTH = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
         return sharding.constrain(x_BTH, ("batch", None, "embed"))
-
-    def _logits(self, x_BTH: jax.Array) -> jax.Array:
-        # float32 logits: sampling and log-probs need more than bf16's 8 bits of mantissa.
-        return project("bth,vh->btv", self.norm(x_BTH), self.unembedding[...], jnp.float32)
 
     def _layers(self, x_BTH, positions_BT, plans, cache: KVCache | None):
         """Runs the layers as a scan over (sliding, full) pairs, then a last sliding layer if L is odd.
@@ -345,7 +380,9 @@ class GptOss(nnx.Module):
 
         def block(graph, state, x, plan, stack, layer):
             layer_cache = None if stack is None else jax.tree.map(lambda a: a[layer], stack)
-            x, layer_cache = nnx.merge(graph, state)(x, rope, positions_BT, plan, layer_cache)
+            x, layer_cache = self._rematerialized(
+                lambda state, x, layer_cache: nnx.merge(graph, state)(x, rope, positions_BT, plan, layer_cache)
+            )(state, x, layer_cache)
             if stack is not None:
                 stack = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, layer, 0), stack, layer_cache)
             return x, stack
@@ -367,3 +404,10 @@ class GptOss(nnx.Module):
             last = jax.tree.map(lambda a: a[pairs], sliding_state)
             x_BTH, sliding_stack = block(sliding_def, last, x_BTH, sliding_plan, sliding_stack, pairs)
         return x_BTH, (sliding_stack, full_stack)
+
+    def _rematerialized(self, layer):
+        """`layer`, recomputed in the backward pass as `remat` says."""
+        if self.remat == "none":
+            return layer
+        policy = None if self.remat == "layer" else getattr(jax.checkpoint_policies, self.remat)
+        return jax.checkpoint(layer, policy=policy)

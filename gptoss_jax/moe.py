@@ -82,6 +82,34 @@ class Experts:
     mlp2_bias: jax.Array  # [E, H]
     alpha: float = dataclasses.field(metadata=dict(static=True))
     limit: float = dataclasses.field(metadata=dict(static=True))
+    mlp1_lora: LowRank | None = None  # adapters, added to mlp1's output before the SwiGLU
+    mlp2_lora: LowRank | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """Per-expert LoRA of one matrix: `scale · B[e] (A[e] x)`, A `[E, r, in]`, B `[E, out, r]`."""
+
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    def take(self, index) -> LowRank:
+        return LowRank(self.a[index], self.b[index], self.scale)
+
+    def pairs(self, x_C: jax.Array) -> jax.Array:
+        """Updates of taken adapters (A `[..., r, C]`) for inputs `[..., C]` broadcast against them."""
+        z = jnp.einsum("...c,...rc->...r", x_C, self.a.astype(x_C.dtype))
+        return self.scale * jnp.einsum("...r,...or->...o", z, self.b.astype(x_C.dtype))
+
+    def columns(self, x_CR: jax.Array) -> jax.Array:
+        """One expert's update (A `[r, C]`, B `[O, r]`) for a features-first tile `[C, rows]`."""
+        return self.scale * (self.b.astype(x_CR.dtype) @ (self.a.astype(x_CR.dtype) @ x_CR))
+
+
+def _plus(y: jax.Array, lora: LowRank | None, delta) -> jax.Array:
+    return y if lora is None else y + delta(lora).astype(y.dtype)
 
 
 def clamped_swiglu(u_F: jax.Array, alpha: float, limit: float) -> jax.Array:
@@ -111,9 +139,11 @@ def _gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_
     dtype = t_BTH.dtype
     w1_BTKFH = experts.mlp1.take(experts_BTK).weights(dtype)
     u_BTKF = jnp.einsum("bth,btkfh->btkf", t_BTH, w1_BTKFH) + experts.mlp1_bias[experts_BTK]
+    u_BTKF = _plus(u_BTKF, experts.mlp1_lora, lambda lora: lora.take(experts_BTK).pairs(t_BTH[:, :, None]))
     act_BTKI = clamped_swiglu(u_BTKF, experts.alpha, experts.limit)
     w2_BTKHI = experts.mlp2.take(experts_BTK).weights(dtype)
     y_BTKH = jnp.einsum("btki,btkhi->btkh", act_BTKI, w2_BTKHI) + experts.mlp2_bias[experts_BTK]
+    y_BTKH = _plus(y_BTKH, experts.mlp2_lora, lambda lora: lora.take(experts_BTK).pairs(act_BTKI))
     return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
 
 
@@ -126,8 +156,10 @@ def _gather_by_cpu_kernel(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.A
     t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)
     mlp1, mlp2 = experts.mlp1.take(expert_P), experts.mlp2.take(expert_P)
     u_PF = native.mxfp4_matvec(t_PH, mlp1.blocks, mlp1.scales).astype(dtype) + experts.mlp1_bias[expert_P]
+    u_PF = _plus(u_PF, experts.mlp1_lora, lambda lora: lora.take(expert_P).pairs(t_PH))
     act_PI = clamped_swiglu(u_PF, experts.alpha, experts.limit)
     y_PH = native.mxfp4_matvec(act_PI, mlp2.blocks, mlp2.scales).astype(dtype) + experts.mlp2_bias[expert_P]
+    y_PH = _plus(y_PH, experts.mlp2_lora, lambda lora: lora.take(expert_P).pairs(act_PI))
     y_PH = jnp.where(weight_P[:, None] != 0, y_PH, 0)  # pairs of weight 0 may hold anything
     return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
 
@@ -184,10 +216,10 @@ def _sorted_rows(tile: int, experts: Experts, x_HP: jax.Array, ends_E: jax.Array
 
     def one_expert(y_HP, xs):
         matrices, end, count = xs
-        w1, b1, w2, b2 = _decoded(matrices, x_HP.dtype)  # once per expert, shared by its tiles
+        w1, w2, trained = _decoded(matrices, x_HP.dtype)  # once per expert, shared by its tiles
 
         def each_tile(first, mine_R, y_HP):
-            out_HR = _expert_rows(experts, w1, w2, b1, b2, jax.lax.dynamic_slice_in_dim(x_HP, first, tile, 1))
+            out_HR = _expert_rows(experts, w1, w2, *trained, jax.lax.dynamic_slice_in_dim(x_HP, first, tile, 1))
             kept_HR = jax.lax.dynamic_slice_in_dim(y_HP, first, tile, 1)
             return jax.lax.dynamic_update_slice_in_dim(y_HP, jnp.where(mine_R, out_HR, kept_HR), first, 1)
 
@@ -210,12 +242,12 @@ def _sorted_rows_backward(tile, residuals, dy_HP):
 
     def one_expert(dx_HP, xs):
         matrices, end, count = xs
-        w1, b1, w2, b2 = _decoded(matrices, x_HP.dtype)
-        trained = (b1, b2, w1, w2) if dense else (b1, b2)
+        w1, w2, trained = _decoded(matrices, x_HP.dtype)
+        trained = (*trained, w1, w2) if dense else trained
 
         def rows_out(rows_HR, trained):
-            b1, b2, *dense_weights = trained
-            return _expert_rows(experts, *(dense_weights or (w1, w2)), b1, b2, rows_HR)
+            *trained, w1_, w2_ = trained if dense else (*trained, w1, w2)
+            return _expert_rows(experts, w1_, w2_, *trained, rows_HR)
 
         def each_tile(first, mine_R, carry):
             dx_HP, grads = carry
@@ -229,10 +261,12 @@ def _sorted_rows_backward(tile, residuals, dy_HP):
         return _tiles(tile, end, count, each_tile, (dx_HP, zeros))
 
     dx_HP, grads_E = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (_per_expert(experts), ends_E, counts_E))
-    db1, db2, *dw = grads_E
+    db1, db2, d_lora1, d_lora2, *dw = grads_E
+    like = lambda grad, param: None if param is None else jax.tree.map(lambda g, p: g.astype(p.dtype), grad, param)  # noqa: E731
     d_experts = Experts(
-        experts.mlp1.cotangent(*dw[:1]), db1.astype(experts.mlp1_bias.dtype),
-        experts.mlp2.cotangent(*dw[1:]), db2.astype(experts.mlp2_bias.dtype), alpha=experts.alpha, limit=experts.limit,
+        experts.mlp1.cotangent(*dw[:1]), like(db1, experts.mlp1_bias), experts.mlp2.cotangent(*dw[1:]),
+        like(db2, experts.mlp2_bias), alpha=experts.alpha, limit=experts.limit,
+        mlp1_lora=like(d_lora1, experts.mlp1_lora), mlp2_lora=like(d_lora2, experts.mlp2_lora),
     )
     return d_experts, dx_HP, None, None
 
@@ -241,26 +275,30 @@ _sorted_rows.defvjp(_sorted_rows_forward, _sorted_rows_backward)
 
 
 def _per_expert(experts: Experts) -> tuple:
-    return experts.mlp1, experts.mlp1_bias, experts.mlp2, experts.mlp2_bias
+    return experts.mlp1, experts.mlp2, experts.mlp1_bias, experts.mlp2_bias, experts.mlp1_lora, experts.mlp2_lora
 
 
-def _decoded(matrices: tuple, dtype) -> tuple[jax.Array, ...]:
-    """One expert's (w1, b1, w2, b2), matrices decoded to `dtype`."""
-    mlp1, b1, mlp2, b2 = matrices
-    return mlp1.weights(dtype), b1, mlp2.weights(dtype), b2
+def _decoded(per_expert: tuple, dtype) -> tuple[jax.Array, jax.Array, tuple]:
+    """One expert's matrices decoded to `dtype`, and its always-trainable rest (biases, adapters)."""
+    mlp1, mlp2, *trained = per_expert
+    return mlp1.weights(dtype), mlp2.weights(dtype), tuple(trained)
 
 
-def _expert_rows(experts: Experts, w1_FH, w2_HI, b1_F, b2_H, rows_HR: jax.Array) -> jax.Array:
+def _expert_rows(experts: Experts, w1_FH, w2_HI, b1_F, b2_H, lora1, lora2, rows_HR: jax.Array) -> jax.Array:
     """One expert on a tile of rows, features first: the decoded weights are [out, in], and XLA:CPU's
     fast bf16 GEMM wants its right operand [contracted, kept] in memory (any other layout is upcast to
     float32 and runs 2-5x slower), so the tile is [H, rows] and the weights multiply from the left."""
-    u_FR = w1_FH @ rows_HR + b1_F[:, None]
-    act_RI = clamped_swiglu(u_FR.T, experts.alpha, experts.limit)
-    return w2_HI @ act_RI.T + b2_H[:, None]
+    u_FR = _plus(w1_FH @ rows_HR + b1_F[:, None], lora1, lambda lora: lora.columns(rows_HR))
+    act_IR = clamped_swiglu(u_FR.T, experts.alpha, experts.limit).T
+    return _plus(w2_HI @ act_IR + b2_H[:, None], lora2, lambda lora: lora.columns(act_IR))
 
 
 def pallas(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """`grouped`'s algorithm by the grouped MXFP4 kernels (`kernels.experts`)."""
+    """`grouped`'s algorithm by the grouped MXFP4 kernels (`kernels.experts`), differentiated as `grouped`."""
+    return kernels.with_reference_vjp(_pallas, grouped)(experts, t_BTH, experts_BTK, weights_BTK)
+
+
+def _pallas(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
     order_P, counts_E = sort_by_expert(experts_BTK.reshape(-1), experts.mlp1_bias.shape[0])
     return kernels.experts(experts, t_BTH, weights_BTK, order_P, counts_E)
 

@@ -29,6 +29,7 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "experts": "expert",
     "mlp": None,
+    "lora": None,  # adapters' rank: small, replicated
 }
 
 

@@ -35,7 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.mxfp4 import BLOCK, BYTES_PER_BLOCK, decode, platform
+from pallas_kernels.mxfp4 import decode, platform
+from pallas_kernels.mxfp4_format import BLOCK, BYTES_PER_BLOCK
 
 EPILOGUES = ("swiglu", "scale")
 

@@ -1,7 +1,8 @@
 """MXFP4 decode inside Pallas kernels, and a plain dequantization kernel.
 
 The checkpoint stores a weight `[..., N, K]` as `blocks uint8 [..., N, K/32, 16]` (two E2M1 codes per
-byte, low nibble = even element) and `scales uint8 [..., N, K/32]` (E8M0: 2^(s - 127)).
+byte, low nibble = even element) and `scales uint8 [..., N, K/32]` (E8M0: 2^(s - 127)); the format's
+constants live in `mxfp4_format`.
 
 `decode` turns packed bytes into floats with integer arithmetic only (KERNELS.md 7.3): no lookup
 table (Pallas Triton has no gather) and no pointwise math on 8-bit types (Triton rejects it), so
@@ -20,8 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-BLOCK = 32  # values sharing one scale
-BYTES_PER_BLOCK = BLOCK // 2
+from pallas_kernels.mxfp4_format import BLOCK, BYTES_PER_BLOCK
 
 
 def _decode_nibbles(codes: jax.Array, scales: jax.Array) -> jax.Array:

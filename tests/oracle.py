@@ -11,7 +11,8 @@ import torch
 import transformers
 from flax import nnx
 
-from gptoss_jax import GptOss, GptOssConfig, layouts
+from convert import layouts
+from gptoss_jax import GptOss, GptOssConfig
 from gptoss_jax.mxfp4 import dequantize
 
 

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 import transformers
 from conftest import CONFIGS, forward
 
 import oracle
 import gptoss_jax
+from convert import layouts
 from convert.__main__ import main as convert_main
-from convert.safetensors_io import read_header
+from convert.safetensors_io import PlannedTensor, read_header, write
 from convert.synthetic import write_checkpoint
-from gptoss_jax import GptOssConfig, layouts
+from gptoss_jax import GptOssConfig
 
 CONFIG = CONFIGS["odd"]
 
@@ -59,16 +63,29 @@ def test_both_layouts_convert_to_identical_arrays(converted):
 
 @pytest.mark.parametrize("layout", ["hf", "original"])
 def test_every_tensor_is_byte_identical_to_the_source(published, converted, layout):
+    """Against the files' bytes as torch reads them, a reader independent of the converter's."""
     source = {}
     for file in published[layout].glob("*.safetensors"):
-        source.update(read_header(file))
+        source.update(safetensors.torch.load_file(file))
     params = oracle.flat_params(gptoss_jax.load(converted[layout]))
     exported = dict(layouts.export(params, layouts.checkpoint_tensors(CONFIG, layout)))
     assert exported.keys() == source.keys()
     for name, stored in source.items():
         assert hashlib.sha256(np.ascontiguousarray(exported[name]).tobytes()).hexdigest() == hashlib.sha256(
-            stored.read().tobytes()
+            stored.contiguous().view(torch.uint8).numpy().tobytes()
         ).hexdigest(), name
+
+
+def test_reads_keep_every_stored_bit(tmp_path):
+    """Row ranges read back with the exact bits written: all 65536 bf16 patterns (NaN payloads, -0, inf) and bytes."""
+    bits = np.arange(2**16, dtype=np.uint16).reshape(256, 256)
+    tensors = {"bf16": bits.view(ml_dtypes.bfloat16), "u8": bits.view(np.uint8)[:, ::3].copy()}
+    plan = [PlannedTensor("bf16", "BF16", (256, 256)), PlannedTensor("u8", "U8", tensors["u8"].shape)]
+    write(tmp_path / "bits.safetensors", plan, lambda t: iter([tensors[t.name]]))
+    stored = read_header(tmp_path / "bits.safetensors")
+    for name, want in tensors.items():
+        got = np.concatenate([stored[name].read(0, 100), stored[name].read(100, 200), stored[name].read(200)])
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
 
 
 def test_dense_experts_pack_back_to_the_same_values(converted):
@@ -82,7 +99,7 @@ def test_dense_experts_kept_in_bf16_give_the_same_logits(converted):
     """Without --quantize the fine-tune's dense experts are kept and run as they are."""
     packed, dense = gptoss_jax.load(converted["hf"], dtype="float32"), gptoss_jax.load(converted["dense-bf16"], dtype="float32")
     assert dense.expert_format == "bf16" and dense.full_blocks.mlp.mlp1_weight[...].shape[1:] == (
-        CONFIG.num_experts, CONFIG.hidden_size, 2 * CONFIG.intermediate_size
+        CONFIG.num_experts, 2 * CONFIG.intermediate_size, CONFIG.hidden_size
     )
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, 20)))
     # Same weight values on both sides; only the matmul operand layout differs (summation order).
@@ -116,12 +133,12 @@ def _corrupt(directory: Path, how: str) -> str:
         case "truncated":
             with open(shard, "r+b") as handle:
                 handle.truncate(shard.stat().st_size - 100)
-            return "truncated"
+            return f"{shard}: not a valid safetensors file (truncated or corrupt)"
         case "corrupt header":
             with open(shard, "r+b") as handle:
                 handle.seek(8)
                 handle.write(b"#garbage#")
-            return "corrupt safetensors header"
+            return f"{shard}: not a valid safetensors file (truncated or corrupt)"
         case "missing shard":
             data = json.loads(index.read_text())
             data["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
@@ -140,8 +157,6 @@ def _corrupt(directory: Path, how: str) -> str:
 
 def _rewrite(directory: Path, edit) -> None:
     """Rewrites the single shard with `edit(tensors)` applied (a dict name -> array)."""
-    from convert.safetensors_io import PlannedTensor, write
-
     shard = next(directory.glob("model-*.safetensors"))
     tensors = {name: np.array(t.read()) for name, t in read_header(shard).items()}
     edit(tensors)

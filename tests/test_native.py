@@ -1,19 +1,35 @@
-"""The C++ matrix-vector kernels (`gptoss_jax.native`): MXFP4 against the `mxfp4.dequantize` reference,
-bfloat16 against float64."""
+"""The C++ matrix-vector kernels (`gptoss_jax.native`): the source's MXFP4 constants against the one
+definition, MXFP4 against the `mxfp4.dequantize` reference, bfloat16 against float64."""
+
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax import native
+from gptoss_jax import mxfp4, native
 from gptoss_jax.mxfp4 import dequantize
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="needs a C++ compiler (CI has one)")
+needs_compiler = pytest.mark.skipif(not native.available(), reason="needs a C++ compiler (CI has one)")
+
+
+def test_source_constants_match_the_format():
+    """matvec.cc keeps its own copy of the format (C++ cannot import Python), read here out of the source.
+    Its static_asserts pin the rest: 16 bytes per block, and a bias equal to float32's, which its scale
+    decode (shifting the byte into float32's exponent field) relies on."""
+    source = native.SOURCE.read_text()
+    integers = dict(re.findall(r"constexpr int\w* (\w+) = (\w+(?: / 2)?);", source))
+    assert integers == {"kBlock": str(mxfp4.BLOCK), "kBytesPerBlock": "kBlock / 2", "kScaleBias": str(mxfp4.SCALE_BIAS)}
+    (table,) = re.findall(r"constexpr float kFp4\[16\] = \{([^}]*)\};", source)
+    values = [float(literal.strip().removesuffix("f")) for literal in table.split(",")]
+    assert [(v, math.copysign(1, v)) for v in values] == [(v, math.copysign(1, v)) for v in mxfp4.FP4_VALUES]
 
 
 # (P, R, C): one value block, odd row counts and block counts, gpt-oss-20b's mlp2, and more rows than
 # the kernel's per-thread share so every thread's range (and the ragged last one) is covered.
+@needs_compiler
 @pytest.mark.parametrize("P, R, C", [(1, 1, 32), (3, 7, 96), (2, 33, 160), (1, 2880, 2880), (5, 601, 64)])
 def test_matches_decoded_weights(P, R, C):
     rng = np.random.default_rng(P * R + C)
@@ -28,6 +44,7 @@ def test_matches_decoded_weights(P, R, C):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
 
 
+@needs_compiler
 def test_mismatched_shapes_are_an_error():
     blocks, scales = jnp.zeros((2, 4, 3, 16), jnp.uint8), jnp.zeros((2, 4, 3), jnp.uint8)
     with pytest.raises(ValueError, match="do not match"):
@@ -36,6 +53,7 @@ def test_mismatched_shapes_are_an_error():
         native.bf16_matvec(jnp.zeros(3), jnp.zeros((4, 3), jnp.float32))
 
 
+@needs_compiler
 def test_library_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path))
     first = native._build()
@@ -43,6 +61,7 @@ def test_library_is_built_once(tmp_path, monkeypatch):
     assert native._build() == first and list(first.parent.iterdir()) == [first]  # no scratch left behind
 
 
+@needs_compiler
 @pytest.mark.parametrize("R, C", [(1, 1), (7, 33), (601, 2880)])  # C not a multiple of 16: the scalar tail
 def test_bf16_matvec_matches_float64(R, C):
     rng = np.random.default_rng(R + C)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,22 +33,54 @@ def test_meshes_match_one_device(tmp_path):
     assert report["restored_equal"] and report["restored_expert_shard_rows"] == report["num_experts"] // 4
 
 
-def test_two_processes_match_one(tmp_path):
+def _run_processes(count: int, args: list[str], logs: Path, timeout: float = 900) -> list[tuple[int, str]]:
+    """`count` sharded_check.py processes of one jax.distributed job: (exit code, stderr) of each.
+
+    A failure in one ends them all: when one exits non-zero (or the time is up) the others are killed,
+    since they would otherwise wait for it in a collective or barrier.
+    """
     port = 23456 + os.getpid() % 1000
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "sharded_check.py"), "multihost", str(tmp_path)],
-            env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                 "JAX_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=900) for p in processes]
-    assert all(p.returncode == 0 for p in processes), [o[1][-2000:] for o in outputs]
-    report = json.loads((tmp_path / "multihost.json").read_text())
-    assert report["processes"] == 2 and report["devices"] == 8
-    assert report["error"] < 1e-5
+    processes, stderrs = [], []
+    for i in range(count):
+        stderrs.append(logs / f"stderr-{i}.txt")
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(count),
+               "JAX_PROCESS_ID": str(i)}
+        with stderrs[-1].open("w") as stderr:
+            processes.append(subprocess.Popen([sys.executable, str(HERE / "sharded_check.py"), *args], env=env,
+                                              stdout=subprocess.DEVNULL, stderr=stderr))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in processes):
+            if any(p.poll() not in (None, 0) for p in processes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return [(p.returncode, path.read_text()) for p, path in zip(processes, stderrs)]
+
+
+def test_two_processes_match_one(tmp_path):
+    saved = _run("save", str(tmp_path))  # the checkpoint and the logits of one process
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    results = _run_processes(2, ["multihost", str(tmp_path)], logs)
+    assert all(code == 0 for code, _ in results), [(code, stderr[-2000:]) for code, stderr in results]
+    reports = [json.loads((tmp_path / f"multihost-{i}.json").read_text()) for i in range(2)]
+    for report in reports:
+        assert report["processes"] == 2 and report["devices"] == 8 and report["local_devices"] == 4
+        assert report["experts"]
+        for name, figures in report["experts"].items():  # 8 experts over 8 devices: one per device
+            assert figures == {"on_own_devices": True, "shards": 4, "rows": [1]}, name
+        # float32 both ways: sharding over the experts only reorders sums (the all-to-all and the
+        # combine), a few ulps of logits of size ~1.
+        assert report["error"] < 1e-5
+    # Expert rows are stored 3 to a chunk; process 0 holds experts 0-3, process 1 experts 4-7, and
+    # each reads only the chunks with its rows (chunk 1, experts 3-5, by both).
+    assert [r["reads"]["sliding_blocks/mlp/mlp1_blocks/0"] for r in reports] == [["0", "1"], ["1", "2"]]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -21,8 +22,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The MXFP4 format as defined in pallas_kernels/mxfp4_format.py; tests/test_native.py checks these
+// literals against it.
+constexpr int64_t kBlock = 32;                  // values sharing one scale
+constexpr int64_t kBytesPerBlock = kBlock / 2;  // two E2M1 codes per byte, low nibble first
+constexpr int kScaleBias = 127;                 // E8M0 byte s means 2^(s - kScaleBias)
 constexpr float kFp4[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+static_assert(kScaleBias == std::numeric_limits<float>::max_exponent - 1, "ScaleToFloat needs float32's bias");
+static_assert(kBytesPerBlock == 16, "Row decodes one block's bytes in the 16 lanes of an AVX-512 register");
 
 // 2^(s - 127): the E8M0 byte is float32's biased exponent field.
 inline float ScaleToFloat(uint8_t s) {
@@ -54,11 +62,11 @@ inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_ev
   const __m512i low_mask = _mm512_set1_epi32(15);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + kBytesPerBlock * g)));
     __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
     __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-    __m512 block = _mm512_mul_ps(low, _mm512_loadu_ps(x_even + 16 * g));
-    block = _mm512_fmadd_ps(high, _mm512_loadu_ps(x_odd + 16 * g), block);
+    __m512 block = _mm512_mul_ps(low, _mm512_loadu_ps(x_even + kBytesPerBlock * g));
+    block = _mm512_fmadd_ps(high, _mm512_loadu_ps(x_odd + kBytesPerBlock * g), block);
     acc = _mm512_fmadd_ps(block, _mm512_set1_ps(ScaleToFloat(scales[g])), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -66,9 +74,9 @@ inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_ev
   float acc = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
     float block = 0.0f;
-    for (int j = 0; j < 16; ++j) {
-      uint8_t byte = blocks[16 * g + j];
-      block += kFp4[byte & 15] * x_even[16 * g + j] + kFp4[byte >> 4] * x_odd[16 * g + j];
+    for (int64_t j = kBytesPerBlock * g; j < kBytesPerBlock * (g + 1); ++j) {
+      uint8_t byte = blocks[j];
+      block += kFp4[byte & 15] * x_even[j] + kFp4[byte >> 4] * x_odd[j];
     }
     acc += block * ScaleToFloat(scales[g]);
   }
@@ -79,8 +87,8 @@ inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_ev
 ffi::Error Mxfp4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
                            ffi::ResultBuffer<ffi::F32> y) {
   auto bdims = blocks.dimensions();
-  if (bdims.size() != 4 || bdims[3] != 16) return ffi::Error::InvalidArgument("blocks must be [P, R, C/32, 16]");
-  const int64_t pairs = bdims[0], rows = bdims[1], groups = bdims[2], cols = 32 * groups;
+  if (bdims.size() != 4 || bdims[3] != kBytesPerBlock) return ffi::Error::InvalidArgument("blocks must be [P, R, C/32, 16]");
+  const int64_t pairs = bdims[0], rows = bdims[1], groups = bdims[2], cols = kBlock * groups;
   if (x.element_count() != pairs * cols) return ffi::Error::InvalidArgument("x must be [P, C]");
   if (scales.element_count() != pairs * rows * groups) return ffi::Error::InvalidArgument("scales must be [P, R, C/32]");
 
@@ -99,7 +107,7 @@ ffi::Error Mxfp4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
   ParallelFor(pairs * rows, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* even = split.data() + (i / rows) * cols;
-      y->typed_data()[i] = Row(blocks.typed_data() + i * groups * 16, scales.typed_data() + i * groups, even,
+      y->typed_data()[i] = Row(blocks.typed_data() + i * groups * kBytesPerBlock, scales.typed_data() + i * groups, even,
                                even + cols / 2, groups);
     }
   });

@@ -3,6 +3,8 @@
 One table for both layouts (`hf`, `original`). Every mapping is "take rows [start, stop) of the
 checkpoint tensor and reshape them to the parameter's per-layer shape", so the bytes are kept as they
 are: converting is copying, and the inverse (writing a checkpoint from a model) is reshaping back.
+The one exception is dense bf16 experts, stored `[E, in, out]` and held `[E, out, in]` like the packed
+ones: their rows are transposed (`Target.transpose`), which moves values but changes no bits.
 Block n is layer n // 2 of the `sliding_blocks` stack when n is even, of `full_blocks` when odd.
 """
 
@@ -28,6 +30,7 @@ class Target:
     layer: int | None
     start: int
     stop: int
+    transpose: bool = False  # each row's last two axes are swapped between checkpoint and parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +78,11 @@ def _block(config: GptOssConfig, layout: str, n: int, expert_format: str) -> Ite
     stack = "sliding_blocks" if config.is_sliding(n) else "full_blocks"
     layer = n // 2
 
-    def tensor(name: str, shape: tuple[int, ...], dtype: str, *parts: tuple[str, int]) -> Tensor:
+    def tensor(name: str, shape: tuple[int, ...], dtype: str, *parts: tuple[str, int], transpose: bool = False) -> Tensor:
         """`parts` = (param path under the block, rows) in row order."""
         targets, start = [], 0
         for path, rows in parts:
-            targets.append(Target((stack, *path.split(".")), layer, start, start + rows))
+            targets.append(Target((stack, *path.split(".")), layer, start, start + rows, transpose))
             start += rows
         return Tensor(name, shape, dtype, tuple(targets))
 
@@ -113,8 +116,8 @@ def _block(config: GptOssConfig, layout: str, n: int, expert_format: str) -> Ite
         }
     for ours, out, inp in (("mlp1", 2 * I, H), ("mlp2", H, I)):
         blocks, scales, bias = experts[ours]
-        if expert_format == "bf16":  # dense [E, in, out] under the packed name less its suffix
-            yield tensor(blocks.removesuffix("_blocks"), (E, inp, out), "BF16", (f"mlp.{ours}_weight", E))
+        if expert_format == "bf16":  # dense [E, in, out] under the packed name less its suffix; ours [E, out, in]
+            yield tensor(blocks.removesuffix("_blocks"), (E, inp, out), "BF16", (f"mlp.{ours}_weight", E), transpose=True)
         else:  # MXFP4 [E, out, in], blocked along `in`
             yield tensor(blocks, (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
             yield tensor(scales, (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
@@ -124,9 +127,10 @@ def _block(config: GptOssConfig, layout: str, n: int, expert_format: str) -> Ite
 def export(params: Mapping[ParamPath, np.ndarray], tensors: list[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
     """Checkpoint tensors assembled from our parameters (flat `{path: stacked array}`), one at a time."""
     for tensor in tensors:
-        parts = [_layer(params[t.path], t.layer).reshape(t.stop - t.start, *tensor.shape[1:]) for t in tensor.targets]
+        parts = [_layer(params[t.path], t).reshape(t.stop - t.start, *tensor.shape[1:]) for t in tensor.targets]
         yield tensor.name, np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def _layer(array: np.ndarray, layer: int | None) -> np.ndarray:
-    return array if layer is None else array[layer]
+def _layer(array: np.ndarray, target: Target) -> np.ndarray:
+    array = array if target.layer is None else array[target.layer]
+    return np.swapaxes(array, -1, -2) if target.transpose else array
