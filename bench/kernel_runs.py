@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from gptoss_jax import GptOssConfig, moe
 from gptoss_jax.kernels import interpret
 from gptoss_jax.model import attend
+from gptoss_jax.mxfp4 import BLOCK, BYTES_PER_BLOCK
 from gptoss_jax.mxfp4 import dequantize as xla_dequantize
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
@@ -32,8 +33,8 @@ def _normal(key, shape, dtype=jnp.bfloat16) -> jax.Array:
 def _packed(key, experts: int, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
     """Random MXFP4 blocks `[E, rows, cols/32, 16]` and scales near 2^-7 (realistic magnitudes)."""
     k1, k2 = jax.random.split(key)
-    blocks = jax.random.randint(k1, (experts, rows, cols // 32, 16), 0, 256).astype(jnp.uint8)
-    scales = jax.random.randint(k2, (experts, rows, cols // 32), 118, 124).astype(jnp.uint8)
+    blocks = jax.random.randint(k1, (experts, rows, cols // BLOCK, BYTES_PER_BLOCK), 0, 256).astype(jnp.uint8)
+    scales = jax.random.randint(k2, (experts, rows, cols // BLOCK), 118, 124).astype(jnp.uint8)
     return blocks, scales
 
 

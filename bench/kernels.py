@@ -25,6 +25,7 @@ import numpy as np
 import roofline
 
 from gptoss_jax import GptOssConfig
+from gptoss_jax.mxfp4 import BLOCK
 
 # Peak dense bf16 FLOP/s and HBM bytes/s from the vendors' data sheets.
 DEVICES = {
@@ -33,7 +34,7 @@ DEVICES = {
     "TPU v6e": (918e12, 1.64e12),
 }
 CPU_STAND_IN = "H100 SXM"
-MX_BYTES_PER_VALUE = 0.5 + 1 / 32  # a nibble plus one e8m0 scale per 32 values
+MX_BYTES_PER_VALUE = 0.5 + 1 / BLOCK  # a nibble plus one e8m0 scale per block
 
 
 @dataclasses.dataclass(frozen=True)

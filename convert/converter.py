@@ -2,8 +2,8 @@
 
 Bytes are copied, never re-encoded: MXFP4 blocks and scales and bf16 tensors keep their exact bits
 (only reshaped into the parameter tree; dense bf16 experts also transposed to our `[E, out, in]`).
-Dense bf16 experts (fine-tunes) are packed to MXFP4 on request. Everything is written into a hidden sibling of DST that is renamed into place on success,
-so a failure or a kill never leaves anything at DST.
+Dense bf16 experts (fine-tunes) are packed to MXFP4 on request. Everything is written into a hidden
+sibling of DST that is renamed into place on success, so a failure or a kill never leaves anything at DST.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.mxfp4 import BLOCK
+from gptoss_jax.mxfp4 import BLOCK, BYTES_PER_BLOCK
 
 LAYOUTS = ("hf", "original")
 ParamPath = tuple[str, ...]
@@ -119,7 +119,7 @@ def _block(config: GptOssConfig, layout: str, n: int, expert_format: str) -> Ite
         if expert_format == "bf16":  # dense [E, in, out] under the packed name less its suffix; ours [E, out, in]
             yield tensor(blocks.removesuffix("_blocks"), (E, inp, out), "BF16", (f"mlp.{ours}_weight", E), transpose=True)
         else:  # MXFP4 [E, out, in], blocked along `in`
-            yield tensor(blocks, (E, out, inp // BLOCK, BLOCK // 2), "U8", (f"mlp.{ours}_blocks", E))
+            yield tensor(blocks, (E, out, inp // BLOCK, BYTES_PER_BLOCK), "U8", (f"mlp.{ours}_blocks", E))
             yield tensor(scales, (E, out, inp // BLOCK), "U8", (f"mlp.{ours}_scales", E))
         yield tensor(bias, (E, out), "BF16", (f"mlp.{ours}_bias", E))
 

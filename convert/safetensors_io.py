@@ -37,10 +37,11 @@ class CheckpointError(ValueError):
 def _open(file: Path) -> safetensors.safe_open:
     """The library's reader for `file` (to use in a `with`), its validation errors as `CheckpointError`.
 
-    The default `mmap` backend: a slice copies only its own rows out of the map. (safetensors 0.8's
+    The default `mmap` backend: a slice copies only its own rows out of the map (safetensors 0.8's
     `pread` backend reads the whole tensor for any slice: 1.16 GB read for 10 rows of the 20b
-    embedding, measured.) Each read opens the file afresh, so no mapping, and none of its resident
-    pages, outlives one chunk; opening costs a header parse, microseconds beside the read.
+    embedding, measured). Each read opens the file afresh, so no mapping outlives one chunk: reading
+    a 3.3 GB shard in 64 MiB chunks peaked at 179 MB resident this way, 3.2 GB through one handle
+    held open (its mapped pages stay resident). An open costs a header parse, about 0.5 ms.
     """
     try:
         return safetensors.safe_open(file, framework="numpy")

@@ -16,10 +16,10 @@ import numpy as np
 from convert import layouts
 from convert.safetensors_io import CheckpointError, StoredTensor, read_header
 from gptoss_jax.checkpoint import row_chunks
+from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
 
 INDEX = "model.safetensors.index.json"
-NAN_SCALE = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +119,8 @@ def _check_tensors(source: Source) -> None:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointError(f"{source.directory} does not match its config.json:\n  " + "\n  ".join(shown))
     for name, tensor in source.stored.items():
-        if name.endswith("scales") and _contains(tensor, NAN_SCALE):
-            raise CheckpointError(f"tensor {name} in {tensor.file.name} holds scale byte 255 (NaN in E8M0)")
+        if name.endswith("scales") and _contains(tensor, mxfp4.SCALE_NAN):
+            raise CheckpointError(f"tensor {name} in {tensor.file.name} holds scale byte {mxfp4.SCALE_NAN} (NaN in E8M0)")
 
 
 def _contains(tensor: StoredTensor, byte: int) -> bool:

@@ -52,8 +52,8 @@ def _random(target: layouts.Target, shape: tuple[int, ...], rng_for) -> np.ndarr
     if name.endswith("_weight"):  # dense experts: the packed weights of the same seed, decoded
         stem = name.removesuffix("_weight")
         E, inp, out = shape
-        blocks = _random(dataclasses.replace(target, path=(*target.path[:-1], f"{stem}_blocks")), (E, out, inp // 32, 16), rng_for)
-        scales = _random(dataclasses.replace(target, path=(*target.path[:-1], f"{stem}_scales")), (E, out, inp // 32), rng_for)
+        blocks = _random(dataclasses.replace(target, path=(*target.path[:-1], f"{stem}_blocks")), (E, out, inp // mxfp4.BLOCK, mxfp4.BYTES_PER_BLOCK), rng_for)
+        scales = _random(dataclasses.replace(target, path=(*target.path[:-1], f"{stem}_scales")), (E, out, inp // mxfp4.BLOCK), rng_for)
         return np.swapaxes(np.asarray(mxfp4.dequantize(blocks, scales, np.float32)), 1, 2)
     if name.endswith("_blocks"):
         return rng.integers(0, 256, shape, dtype=np.uint8)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-import jax.numpy as jnp
-import pytest
-from flax import nnx
+# Compile each program once per machine, not once per process: the xdist workers, the sample CLI,
+# notebook and multi-device subprocesses and the second (slow) pytest step build the same tiny models,
+# and XLA compilation is most of this suite's time. Set before jax is imported (the subprocesses
+# inherit it); a cache entry is keyed by the program, the devices and the jax version.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gptoss-jax-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # the `oracle` helper module beside the tests
 
@@ -44,6 +53,7 @@ def build(config: GptOssConfig, seed: int = 0, dtype=jnp.float32, **impls) -> Gp
     return model
 
 
-@pytest.fixture(params=sorted(CONFIGS))
+# "wide" runs in the slow step: each config is a compile of its own, the suite's main cost.
+@pytest.fixture(params=["odd", pytest.param("wide", marks=pytest.mark.slow)])
 def config(request) -> GptOssConfig:
     return CONFIGS[request.param]

@@ -23,6 +23,7 @@ from gptoss_jax import GptOssConfig  # noqa: E402
 TINY = GptOssConfig.tiny()
 
 
+@pytest.mark.slow
 def test_tiny_beside_transformers(tmp_path):
     out = tmp_path / "figures.json"
     argv = [sys.executable, str(BENCH / "decode.py"), "--preset", "tiny", "--prompts", "16", "--batches", "2", "--new-tokens", "3",
@@ -105,6 +106,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     assert exit_.value.code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_profile_step_lists_the_steps_ops(mode, capsys):
     assert profile_step.main(["--preset", "tiny", "--layers", "1", "--mode", mode, "--tokens", "16", "--top", "50"]) == 0

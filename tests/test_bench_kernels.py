@@ -32,6 +32,7 @@ PAIRS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_kernel_and_xla_path_agree(name):
     ours, xla = PAIRS[name]()

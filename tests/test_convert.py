@@ -88,6 +88,7 @@ def test_reads_keep_every_stored_bit(tmp_path):
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
 
 
+@pytest.mark.slow
 def test_dense_experts_pack_back_to_the_same_values(converted):
     """The dense fine-tune holds decoded MXFP4 values, so packing them again gives the same weights."""
     packed, repacked = gptoss_jax.load(converted["hf"], dtype="float32"), gptoss_jax.load(converted["dense"], dtype="float32")
@@ -95,6 +96,7 @@ def test_dense_experts_pack_back_to_the_same_values(converted):
     np.testing.assert_array_equal(np.asarray(forward(packed, tokens)), np.asarray(forward(repacked, tokens)))
 
 
+@pytest.mark.slow
 def test_dense_experts_kept_in_bf16_give_the_same_logits(converted):
     """Without --quantize the fine-tune's dense experts are kept and run as they are."""
     packed, dense = gptoss_jax.load(converted["hf"], dtype="float32"), gptoss_jax.load(converted["dense-bf16"], dtype="float32")

@@ -64,7 +64,7 @@ def _assert_gradients_close(ours, want):
         np.testing.assert_allclose(got, expected, atol=4e-6 * float(jnp.abs(expected).max()), err_msg=name)
 
 
-@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("window", [w if w in (None, 5) else pytest.param(w, marks=pytest.mark.slow) for w in WINDOWS])
 def test_forward_matches_reference_f32(window):
     q, k, v, sinks = _inputs(0)
     out = _flash(q, k, v, sinks, window=window)
@@ -76,12 +76,14 @@ def test_forward_matches_reference_f32(window):
     assert np.all(np.asarray(out)[dead] == 0) and np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_other_tile_shapes_match_reference():
     q, k, v, sinks = _inputs(1)
     out = fa.flash_attention(q, k, v, sinks, Q_START, K_START, window=7, block_q=4, block_k=32, interpret=True)
     np.testing.assert_allclose(out, _reference(q, k, v, sinks, Q_START, K_START, window=7), atol=2e-6)  # as above
 
 
+@pytest.mark.slow
 def test_forward_bf16_within_the_references_own_rounding():
     q, k, v, sinks = _inputs(2, jnp.bfloat16)
     exact = _reference(*(x.astype(jnp.float32) for x in (q, k, v)), sinks, Q_START, K_START, window=5)
@@ -92,6 +94,7 @@ def test_forward_bf16_within_the_references_own_rounding():
     assert 0 < kernel_error <= max(reference_error, 2**-7), (kernel_error, reference_error)
 
 
+@pytest.mark.slow
 def test_extreme_sinks():
     q, k, v, _ = _inputs(3)
     # Head g = 0 has sink 30 (e^30 outweighs every key: output ~ 0); the others -30 (plain softmax).
@@ -103,7 +106,7 @@ def test_extreme_sinks():
     np.testing.assert_allclose(out[..., 1:, :], plain[..., 1:, :], atol=2e-6)  # e^-30 is below f32 resolution
 
 
-@pytest.mark.parametrize("window", [None, 5])  # window 1 costs another 10 s; masks are shared with the forward
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 5])  # window 1 costs another 10 s; masks are shared with the forward
 def test_gradients_match_reference(window):
     q, k, v, sinks = _inputs(4)
     cotangent = jax.random.normal(jax.random.key(5), q.shape)
@@ -138,6 +141,7 @@ def test_rejects_tiles_triton_cannot_build():
         fa.flash_attention(q, k, v, sinks, Q_START, K_START, window=None, block_q=2, interpret=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [None, 5])
 def test_splash_matches_reference_forward_and_backward(window):
     """Training / uncached prefill: S == T, positions from 0; T = 130 pads to two 128-blocks."""

@@ -88,7 +88,7 @@ def _grouped_reference(x, group_sizes, blocks, scales, bias, epilogue, row_scale
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("epilogue", gm.EPILOGUES)
-@pytest.mark.parametrize("case,dtype", [("E5", jnp.float32), ("E5", jnp.bfloat16), ("E7", jnp.float32)])
+@pytest.mark.parametrize("case,dtype", [("E5", jnp.float32), *(pytest.param(*c, marks=pytest.mark.slow) for c in [("E5", jnp.bfloat16), ("E7", jnp.float32)])])
 def test_grouped_matmul_matches_per_row_reference(case, dtype, epilogue, backend):
     sizes, n, k, block_sizes, m = CASES[case]
     rng = np.random.default_rng(1)
@@ -126,7 +126,7 @@ def _packed_experts(rng, num_experts, hidden, intermediate):
 
 @pytest.mark.parametrize(
     "tokens,backend",
-    [(1, "gpu"), (3, "tpu"), (40, "gpu"), pytest.param(40, "tpu", marks=pytest.mark.slow)],
+    [(1, "gpu"), pytest.param(3, "tpu", marks=pytest.mark.slow), (40, "gpu"), pytest.param(40, "tpu", marks=pytest.mark.slow)],
     ids=["decode1", "decode3-tpu", "prefill", "prefill-tpu"],
 )
 def test_experts_mlp_matches_gather(tokens, backend):

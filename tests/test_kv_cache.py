@@ -26,7 +26,7 @@ def _chunked(model, tokens: np.ndarray, chunks: list[int], max_len: int, valid: 
     return np.concatenate(outputs, axis=1), cache
 
 
-@pytest.mark.parametrize("chunks", [[3, 1, 1, 12, 1, 1, 1, 20], [45]], ids=["ragged-chunks", "one-chunk"])
+@pytest.mark.parametrize("chunks", [[3, 1, 1, 12, 1, 1, 1, 20], pytest.param([45], marks=pytest.mark.slow)], ids=["ragged-chunks", "one-chunk"])
 def test_prefill_and_decode_equal_full_forward(config, chunks):
     """Chunks shorter and longer than the window, single steps across ring wrap-arounds."""
     model = build(config)
@@ -38,6 +38,7 @@ def test_prefill_and_decode_equal_full_forward(config, chunks):
     assert cache.sliding.k.shape[2] == config.sliding_window  # the ring holds exactly one window
 
 
+@pytest.mark.slow
 def test_rows_of_different_lengths_decode_independently():
     """A padded batch (prompts of 7 and 19 tokens) gives each row the logits it gets alone."""
     config = CONFIGS["odd"]
@@ -76,6 +77,7 @@ def test_full_plan_literal():
     assert plan.write_slots.tolist() == [[3, 4, 6]]
 
 
+@pytest.mark.slow
 def test_attention_masks_literal():
     """With equal logits and a -inf sink, each output is the mean of the visible one-hot values."""
     T = 5
@@ -92,6 +94,7 @@ def test_attention_masks_literal():
     np.testing.assert_allclose(full, causal / causal.sum(1, keepdims=True), atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sink_takes_its_share_of_the_softmax():
     """A sink logit s beside n equal zero logits leaves each key e^0 / (e^s + n)."""
     q = jnp.zeros((1, 1, 1, 1, 4))

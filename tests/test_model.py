@@ -42,6 +42,7 @@ def test_each_moe_implementation_matches_transformers(moe_impl):
     assert _max_error(config, build(config, moe_impl=moe_impl)) < ATOL
 
 
+@pytest.mark.slow
 def test_matches_transformers_with_published_rope_past_initial_context():
     """The real rotary settings (cut points 8.09 / 17.40) at positions past 4096."""
     config = dataclasses.replace(
@@ -74,7 +75,7 @@ def _rounded_yarn(monkeypatch) -> None:
     monkeypatch.setattr(model_lib, "yarn_cut_points", lambda c: (math.floor(exact(c)[0]), math.ceil(exact(c)[1])))
 
 
-@pytest.mark.parametrize("bug", ["swapped gate/linear", "sink times scale", "window off by one", "rounded yarn"])
+@pytest.mark.parametrize("bug", ["window off by one", *(pytest.param(b, marks=pytest.mark.slow) for b in ["swapped gate/linear", "sink times scale", "rounded yarn"])])
 def test_parity_catches_seeded_bugs(bug, monkeypatch):
     """Each classic mistake, planted in our model only, must break parity by far more than ATOL."""
     config = CONFIGS["wide"]
@@ -93,6 +94,7 @@ def test_parity_catches_seeded_bugs(bug, monkeypatch):
     assert _max_error(config, planted, theirs_from=reference, run=fresh_trace) > 100 * ATOL
 
 
+@pytest.mark.slow
 def test_bfloat16_stays_close_to_float32():
     config = CONFIGS["odd"]
     f32 = build(config)

@@ -32,6 +32,7 @@ def test_logits_match_xla(models):
     assert float(jnp.abs(got - expected).max()) < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_xla(models):
     config, xla, pallas = models
     rng = np.random.default_rng(2)

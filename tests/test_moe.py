@@ -46,7 +46,7 @@ def _program(*args) -> str:
     return str(jax.make_jaxpr(moe.gather)(*args))
 
 
-@pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 3)])  # decode, batched decode, a few tokens
+@pytest.mark.parametrize("B, T", [(1, 1), *(pytest.param(*bt, marks=pytest.mark.slow) for bt in [(2, 1), (1, 3)])])  # decode, batched decode, a few tokens
 def test_cpu_kernel_matches_xla(B, T):
     assert kernels.cpu_kernels()  # CI's CPU has a C++ compiler
     rng = np.random.default_rng(B * 10 + T)
@@ -61,6 +61,7 @@ def test_dense_experts_stay_on_xla():
     assert "gptoss_mxfp4_matvec" not in _program(_experts("bf16", rng), *_routing(1, 1, rng))
 
 
+@pytest.mark.slow
 def test_zero_weight_pairs_come_out_zero():
     """Expert-parallel decode gives other shards' experts weight 0 (and id 0): a token whose every pair
     has weight 0 comes out 0 even when its values would overflow."""

@@ -103,6 +103,7 @@ def test_zero_weight_copies_are_dropped_not_computed():
     assert (np.asarray(out)[~live] == 0).all()
 
 
+@pytest.mark.slow
 def test_auto_picks_grouped_for_prefill_only(monkeypatch):
     calls = []
     monkeypatch.setitem(moe.ALGORITHMS, "grouped", lambda *a: calls.append(a[1].shape) or moe.gather(*a))

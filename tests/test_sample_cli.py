@@ -32,6 +32,7 @@ def test_json_output_has_tokens_text_messages_and_speeds():
     assert payload["prefill_tokens_per_s"] > 0 and "decode_tokens_per_s" in payload
 
 
+@pytest.mark.slow
 def test_raw_mode_encodes_the_prompt_as_plain_text():
     result = _run("--raw", "--json", "--prompt", "Once upon a time")
     assert result.returncode == 0, result.stderr
