@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from convert.__main__ import main as convert_main
 from convert.synthetic import write_checkpoint
 from gptoss_jax import GptOssConfig
@@ -10,6 +12,7 @@ from gptoss_jax import GptOssConfig
 README = Path(__file__).parents[1] / "README.md"
 
 
+@pytest.mark.slow  # each snippet compiles its own bf16 programs: over 10 minutes on 2 cores
 def test_readme_snippets_run(tmp_path, monkeypatch):
     snippets = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(snippets) == 3
