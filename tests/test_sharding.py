@@ -20,6 +20,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # 5 meshes, each compiling prefill, decode and the sampler: ~15 minutes on 2 cores
 def test_meshes_match_one_device(tmp_path):
     result = _run("meshes", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
