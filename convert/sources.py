@@ -15,8 +15,8 @@ import numpy as np
 
 from convert import layouts
 from convert.safetensors_io import CheckpointError, StoredTensor, read_header
-from gptoss_jax.checkpoint import row_chunks
 from gptoss_jax import mxfp4
+from gptoss_jax.checkpoint import row_chunks
 from gptoss_jax.config import GptOssConfig
 
 INDEX = "model.safetensors.index.json"
