@@ -98,8 +98,34 @@ class Chat:
 
     def prompt_tokens(self) -> list[int]:
         """The conversation rendered for the assistant's next turn (earlier reasoning dropped by harmony's rule)."""
-        conversation = oh.Conversation.from_messages([*self._preamble(), *self.history])
-        return get_encoding().render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+        return get_encoding().render_conversation_for_completion(self._conversation(), oh.Role.ASSISTANT)
+
+    def training_tokens(self) -> tuple[list[int], list[bool]]:
+        """The whole conversation as harmony renders it for training, and which tokens to learn.
+
+        The tokens are `render_conversation_for_training`'s with every message kept (drop earlier turns'
+        reasoning before, as `finetune.data` does: the model never sees it at inference; the last
+        answer ends in `<|return|>`). The mask is true on what the model writes after a prompt ends in
+        `<|start|>assistant`: each assistant message's header rest (recipient, channel), content and
+        closing `<|end|>`/`<|call|>`/`<|return|>`, so a tuned model learns to stop.
+        """
+        encoding = get_encoding()
+        keep_all = oh.RenderConversationConfig(auto_drop_analysis=False)
+        tokens = encoding.render_conversation_for_training(self._conversation(), keep_all)
+        start, assistant = (encoding.encode(text, allowed_special="all") for text in ("<|start|>", "assistant"))
+        closers = {encoding.encode(t, allowed_special="all")[0] for t in ("<|end|>", "<|call|>", "<|return|>")}
+        mask, learning = [], False
+        for i, token in enumerate(tokens):
+            if tokens[i - len(start) - len(assistant) + 1 : i + 1] == start + assistant:
+                learning = True
+                mask.append(False)
+                continue
+            mask.append(learning)
+            learning = learning and token not in closers
+        return tokens, mask
+
+    def _conversation(self) -> oh.Conversation:
+        return oh.Conversation.from_messages([*self._preamble(), *self.history])
 
     def _preamble(self) -> list[oh.Message]:
         system = (

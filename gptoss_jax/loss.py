@@ -22,6 +22,7 @@ def cross_entropy(
     """
     B, T, H = h_BTH.shape
     tokens = B * T
+    chunk = min(chunk, tokens)  # a short batch is one chunk, not padded up to `chunk`
     pad = -tokens % chunk
 
     def chunks(x: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from gptoss_jax import checkpoint, harmony, moe, sharding
+from gptoss_jax import checkpoint, cli, harmony, moe
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import ATTENTION_IMPLS, GptOss
 from gptoss_jax.sampling import Greedy, Random, Sampler
@@ -43,10 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--moe-impl", choices=moe.IMPLS, default="auto",
                    help="experts algorithm: gather (per token), grouped (per expert), pallas (kernels); auto picks by size")
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="xla", help="xla (reference) or pallas (kernels)")
-    p.add_argument("--mesh", help="run sharded, e.g. data=1,expert=8,model=1 (sizes must multiply to the device count)")
-    p.add_argument("--coordinator", help="multi-host: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, help="multi-host: process count (or JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index (or JAX_PROCESS_ID)")
+    cli.add_mesh_flags(p)
     return p.parse_args(argv)
 
 
@@ -78,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None
+        mesh = cli.mesh_from_flags(args)
         strategy = Greedy() if args.temperature == 0 else Random(args.temperature, args.top_k, args.top_p)
         sampler = Sampler(_model(args, mesh), mesh=mesh)
         settings = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, seed=args.seed)
