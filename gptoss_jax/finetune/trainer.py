@@ -86,7 +86,9 @@ class Trainer:
     """Trains `model` in place of its trainable variables; `fit` yields each step's metrics.
 
     With a `mesh`, the model must already be on it (`gptoss_jax.load(..., mesh=mesh)`); the batch is
-    split over its data axis and each process builds only the rows its devices hold.
+    split over its data axis and each process builds only the rows its devices hold. While training,
+    the trainable weights live in the trainer (float32 masters, donated to each step, so a float32
+    model's own arrays are consumed by the first step); `model()` puts the current ones back.
     """
 
     def __init__(self, model: GptOss, config: TrainConfig, *, mesh: Mesh | None = None):
