@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gptoss_jax.finetune.trainer import Trainer
 
@@ -55,6 +56,8 @@ class Run:
             changed = sorted(k for k in {*stored, *self.settings} if stored.get(k) != self.settings.get(k))
             if changed:
                 raise RunError(f"{self.directory} was started with other settings ({', '.join(changed)}); resume with the same ones or choose a new --out")
+        if jax.process_count() > 1:  # every process has checked before process 0 writes
+            multihost_utils.sync_global_devices("gptoss_jax.finetune: run.json checked")
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             write_atomically(settings_file, json.dumps(self.settings, indent=2) + "\n")
