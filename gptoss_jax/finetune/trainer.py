@@ -146,7 +146,7 @@ class Trainer:
         learned = jnp.maximum(mask_ABT[:, :, 1:].sum(), 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / learned, grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        metrics = {"loss": total / learned, "grad_norm": optax.global_norm(grads), "lr": self.config.schedule()(step)}
+        metrics = {"loss": total / learned, "grad_norm": optax.tree.norm(grads), "lr": self.config.schedule()(step)}
         return optax.apply_updates(params, updates), opt_state, metrics
 
     def batch(self, rows: Sequence[data.Example]) -> tuple[jax.Array, jax.Array]:
