@@ -9,6 +9,7 @@ nothing of the model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -115,6 +116,11 @@ def place_tree(tree, logical_tree, mesh: Mesh):
 def batch_shards(mesh: Mesh) -> int:
     """How many ways `mesh` splits the batch (a batch must be a multiple of it)."""
     return mesh.shape[RULES["batch"]]
+
+
+def use(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or a context that does nothing without a mesh."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def split_axis(logical: str) -> str | None:

@@ -11,7 +11,6 @@ padded length.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
@@ -94,8 +93,8 @@ class Trainer:
     def __init__(self, model: GptOss, config: TrainConfig, *, mesh: Mesh | None = None):
         self.config, self.mesh = config, mesh
         self.rows = config.rows_per_micro_batch(sharding.batch_shards(mesh) if mesh is not None else 1)
-        self.wrt = nnx.LoRAParam if config.method == "lora" else nnx.Param
-        self.graphdef, trainable, self.frozen = nnx.split(model, self.wrt, ...)
+        wrt = nnx.LoRAParam if config.method == "lora" else nnx.Param
+        self.graphdef, trainable, self.frozen = nnx.split(model, wrt, ...)
         if not jax.tree.leaves(trainable):
             raise ValueError("method 'lora' needs a model built with LoRA adapters (load(..., lora=LoraSpec(...)))")
         self._model = model
@@ -167,7 +166,7 @@ class Trainer:
 
     def train_step(self, tokens: jax.Array, mask: jax.Array) -> dict[str, float]:
         """One optimizer step on a global batch from `batch`; returns loss, grad_norm and lr."""
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with sharding.use(self.mesh):
             self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, self.step, tokens, mask)
         self.step += 1
         return {name: float(value) for name, value in metrics.items()}
@@ -186,7 +185,7 @@ class Trainer:
         for start in range(0, len(examples), size):
             rows = list(examples[start : start + size])
             rows += [data.EMPTY] * (size - len(rows))
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            with sharding.use(self.mesh):
                 loss_sum, count = self._evaluate(self.params, self.frozen, *self.batch(rows))
             total, learned = total + float(loss_sum), learned + int(count)
         return total / max(learned, 1)
