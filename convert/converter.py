@@ -8,10 +8,14 @@ sibling of DST that is renamed into place on success, so a failure or a kill nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ from convert import layouts
 from convert.safetensors_io import CheckpointError, StoredTensor
 from convert.sources import Source, open_source
 from gptoss_jax import mxfp4
-from gptoss_jax.checkpoint import STACKS, PartialWriter, row_chunks
+from gptoss_jax.checkpoint import STACKS, PartialWriter, quiet_orbax, row_chunks
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 
@@ -45,17 +49,88 @@ def convert(
 ) -> Summary:
     """Converts the checkpoint at `src` into `dst`. `progress=None` shows a bar only on a terminal."""
     start = time.perf_counter()
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    _check_destination(src, dst, overwrite)
     source = open_source(src, layout)
     if quantize is not None and not source.dense_experts:
         raise CheckpointError(f"{source.directory} already holds MXFP4 experts; --quantize applies to dense bf16 experts")
     pack = source.dense_experts and quantize == "mxfp4"
-    leaf_shapes = _leaf_shapes(source.config, source.expert_format)
     staging = dst.parent / f".{dst.name}.incomplete"
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     expected = source.expected()
     total = sum(source.stored[t.name].nbytes for t in expected)
+    with destination_lock(dst), _write_errors(dst):
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+        _check_space(dst, total)
+        _write(source, staging, dst, expected, total, pack, progress)
+    return Summary(len(expected), total, time.perf_counter() - start, source.layout)
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuses destinations whose replacement would destroy the source, and non-folders."""
+    source, target = src.resolve(), dst.resolve()
+    if target == source:
+        raise CheckpointError(f"{dst} is the source; write the converted checkpoint somewhere else")
+    if target in source.parents:
+        raise CheckpointError(f"the source {src} is inside the destination {dst}; write somewhere else")
+    if source in target.parents:
+        raise CheckpointError(f"the destination {dst} is inside the source {src}; write somewhere else")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{dst} is a file; the destination must be a folder")
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def destination_lock(dst: Path) -> Iterator[None]:
+    """Holds `.DST.lock` beside DST for the conversion, so two conversions never write one DST at once."""
+    lock = dst.parent / f".{dst.name}.lock"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as error:
+        raise CheckpointError(f"cannot write {dst}: {error.strerror or error}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise CheckpointError(f"another conversion (pid {holder}) is writing {dst}; wait for it or stop it") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _write_errors(dst: Path) -> Iterator[None]:
+    """An OS error while writing (disk full, no permission) as one line naming DST (Orbax's writer threads,
+    which would log it again with their tracebacks, are kept quiet)."""
+    try:
+        with quiet_orbax():
+            yield
+    except OSError as error:
+        raise CheckpointError(f"cannot write {dst}: {error.strerror or error}") from None
+    except ValueError as error:  # tensorstore reports a failed write with the OS error code in its text
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code is None:
+            raise
+        raise CheckpointError(f"cannot write {dst}: {os.strerror(int(code[1]))}") from None
+
+
+def _check_space(dst: Path, needed: int) -> None:
+    """Refuses at once, rather than after writing most of it, a checkpoint the disk has no room for."""
+    free = shutil.disk_usage(dst.parent).free
+    if needed > free:
+        raise CheckpointError(f"cannot write {dst}: it needs {needed / 1e9:.2f} GB and {dst.parent} has {free / 1e9:.2f} GB free")
+
+
+def _write(source: Source, staging: Path, dst: Path, expected: list[layouts.Tensor], total: int, pack: bool,
+           progress: bool | None) -> None:
+    """Writes every tensor into `staging`, then moves it to `dst`; on any failure or interrupt, removes it."""
+    leaf_shapes = _leaf_shapes(source.config, source.expert_format)
     try:
         writer = PartialWriter(staging)
         disable = None if progress is None else not progress
@@ -67,12 +142,11 @@ def convert(
                     bar.update(rows)
                 bar.set_postfix_str(f"{done}/{len(expected)} tensors")
         expert_format = "mxfp4" if pack else source.expert_format
-        writer.finish(source.config, {"expert_format": expert_format, "source": str(src.resolve()), "source_layout": source.layout})
+        writer.finish(source.config, {"expert_format": expert_format, "source": str(source.directory.resolve()), "source_layout": source.layout})
         _replace(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Summary(len(expected), total, time.perf_counter() - start, source.layout)
 
 
 def _leaf_shapes(config: GptOssConfig, expert_format: str) -> dict[layouts.ParamPath, tuple[int, ...]]:

@@ -48,6 +48,8 @@ def _open(file: Path) -> safetensors.safe_open:
     except safetensors.SafetensorError as error:
         reason = str(error).removeprefix("Error while deserializing header: ")
         raise CheckpointError(f"{file}: not a valid safetensors file (truncated or corrupt): {reason}") from None
+    except OSError as error:
+        raise CheckpointError(f"{file}: cannot read: {error.strerror or error}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,6 +74,8 @@ def _layout_of(directory: Path) -> str | None:
         raw = json.loads(config.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config}: not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config} must hold a JSON object, got {type(raw).__name__}")
     return "hf" if "model_type" in raw or "num_local_experts" in raw else "original"
 
 
@@ -84,7 +86,7 @@ def _stored_tensors(directory: Path, layout: str) -> dict[str, StoredTensor]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CheckpointError(f"{index}: malformed index: {error}") from None
-        files = sorted(set(weight_map.values()))
+        files = _shard_files(index, weight_map)
         for name in files:
             if not (directory / name).is_file():
                 raise CheckpointError(f"{index} names shard {name}, which is missing from {directory}")
@@ -101,6 +103,18 @@ def _stored_tensors(directory: Path, layout: str) -> dict[str, StoredTensor]:
             if tensor_name not in stored or stored[tensor_name].file.name != file_name:
                 raise CheckpointError(f"{index} puts tensor {tensor_name} in {file_name}, which does not hold it")
     return stored
+
+
+def _shard_files(index: Path, weight_map: object) -> list[str]:
+    """The shard names an index's weight_map uses, each a plain file name inside the checkpoint folder
+    (never a path out of it: `../x`, `/proc/self/mem`). A name may be a symlink, as the HF cache makes."""
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+    files = set(weight_map.values())
+    for name in files:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise CheckpointError(f"{index}: {name!r} is not a file name inside {index.parent}")
+    return sorted(files)
 
 
 def _check_tensors(source: Source) -> None:

@@ -7,6 +7,10 @@ Layout of a converted checkpoint directory:
                     row chunks of at most `CHUNK_BYTES`: {"sliding_blocks": {"mlp": {"mlp1_blocks":
                     {"0": {"0": rows, "1": rows, ...}, "1": ...}}}}; unstacked ones skip the layer key.
 
+The marker also holds the config as converted and an xxh3 digest of every stored chunk: `load` refuses
+a config.json edited afterwards (naming the key) and data whose bytes changed on disk (naming the
+parameter), at ~16 GB/s of hashing, a second or so for gpt-oss-20b.
+
 Per-layer, chunked leaves let the converter stream a checkpoint (Orbax partial saves) with memory
 bounded by a chunk, let `load` fill each stacked parameter layer by layer, and let each host of a
 multi-host `load` read only the chunks its devices hold rows of.
@@ -14,8 +18,10 @@ multi-host `load` read only the chunks its devices hold rows of.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import math
 import zlib
 from collections.abc import Iterator
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+import xxhash
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding
 
@@ -71,6 +78,11 @@ def _get(tree: dict[str, Any], keys: list[str]) -> Any:
     return tree
 
 
+def digest(rows: np.ndarray) -> str:
+    """xxh3-64 of an array's bytes (any dtype, bf16 included)."""
+    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+
+
 class PartialWriter:
     """Writes a converted checkpoint into `directory`, a batch of chunks per Orbax partial save."""
 
@@ -78,10 +90,13 @@ class PartialWriter:
         self.directory = directory.absolute()
         self._pending: list[tuple[list[str], np.ndarray]] = []
         self._pending_bytes = 0
+        self._digests: dict[str, str] = {}
         self.directory.mkdir(parents=True)
 
     def add(self, path: ParamPath, layer: int | None, chunk: int, rows: np.ndarray) -> None:
-        self._pending.append((_keys(path, layer, chunk), rows))
+        keys = _keys(path, layer, chunk)
+        self._pending.append((keys, rows))
+        self._digests["/".join(keys)] = digest(rows)
         self._pending_bytes += rows.nbytes
         if self._pending_bytes >= BATCH_BYTES:
             self._flush()
@@ -95,7 +110,8 @@ class PartialWriter:
         self._flush()
         ocp.partial.finalize(self.directory / PARAMS)
         (self.directory / "config.json").write_text(json.dumps(config.to_original_dict(), indent=2) + "\n")
-        (self.directory / MARKER).write_text(json.dumps({"format": FORMAT, **provenance}, indent=2) + "\n")
+        marker = {"format": FORMAT, **provenance, "config": config.to_original_dict(), "digests": self._digests}
+        (self.directory / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def save(model: GptOss, directory: str | Path, provenance: dict[str, Any] | None = None) -> None:
@@ -137,13 +153,47 @@ def _local_context() -> ocp.Context:
     return context
 
 
-def _read_chunks(directory: Path, keys: list[str], chunks: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The stored row chunks named in `chunks` (name -> metadata) of one layer of one parameter, on the host."""
-    with _local_context():
-        return _get(ocp.load(directory / PARAMS, _nest([(keys + [c], m) for c, m in chunks.items()])), keys)
+def _read_chunks(directory: Path, keys: list[str], chunks: dict[str, Any], digests: dict[str, str]) -> dict[str, np.ndarray]:
+    """The stored row chunks named in `chunks` (name -> metadata) of one layer of one parameter, on the host,
+    each checked against its digest from conversion (checkpoints saved before digests existed have none)."""
+    with _local_context(), _unreadable(directory):
+        rows = _get(ocp.load(directory / PARAMS, _nest([(keys + [c], m) for c, m in chunks.items()])), keys)
+    for chunk, value in rows.items():
+        want = digests.get("/".join([*keys, chunk]))
+        if want is not None and digest(value) != want:
+            raise ValueError(
+                f"{directory}: parameter {'/'.join(keys)} (rows chunk {chunk}) fails its checksum: the stored bytes "
+                "changed after conversion; convert the checkpoint again"
+            )
+    return rows
 
 
-def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target, placement: Sharding) -> jax.Array:
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+    """Silences Orbax's absl warnings and error logs (with their tracebacks) for a block whose errors
+    reach the caller as exceptions anyway, so a damaged checkpoint or a full disk is reported once."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _unreadable(directory: Path) -> Iterator[None]:
+    """Orbax's and TensorStore's errors on missing or damaged files as one line naming the checkpoint."""
+    try:
+        with quiet_orbax():
+            yield
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{directory / PARAMS}: cannot read the stored arrays (missing or damaged files): {reason}") from None
+
+
+def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target, placement: Sharding,
+                digests: dict[str, str]) -> jax.Array:
     """One layer of one parameter (or an unstacked parameter) as a global array on `placement`.
 
     This process reads only the stored chunks that overlap the rows of its own devices' shards, and
@@ -154,14 +204,14 @@ def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target
         chunks = _get(stored, keys)
         bounds = list(itertools.accumulate(chunks[str(c)].shape[0] for c in range(len(chunks))))
         shape = (bounds[-1], *chunks["0"].shape[1:])
-    except (KeyError, IndexError):
-        raise ValueError(f"{directory}: parameter {name} is missing or incomplete") from None
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"{directory / PARAMS}: parameter {name} is missing or incomplete (a damaged or partial copy?)") from None
     if shape != target.shape:
         raise ValueError(f"{directory}: parameter {name} has shape {shape}, the config implies {target.shape}")
     spans = {str(c): (start, stop) for c, (start, stop) in enumerate(zip([0, *bounds], bounds))}
     mine = [index[0].indices(shape[0])[:2] for index in placement.addressable_devices_indices_map(shape).values()]
     wanted = [c for c, (start, stop) in spans.items() if any(lo < stop and start < hi for lo, hi in mine)]
-    rows = _read_chunks(directory, keys, {c: chunks[c] for c in wanted})
+    rows = _read_chunks(directory, keys, {c: chunks[c] for c in wanted}, digests)
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         lo, hi, _ = index[0].indices(shape[0])
@@ -196,27 +246,25 @@ def load(
     same order.
     """
     switches = dict(moe_impl=moe_impl, attention_impl=attention_impl, lora=lora, remat=remat)
+    dtype = model_dtype(dtype)
     if isinstance(source, GptOssConfig):
         if mesh is not None:
             sharding.check_fits(dict(mesh.shape), source)
-        model = GptOss(source, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype or jnp.bfloat16), **switches)
+        model = GptOss(source, rngs=nnx.Rngs(seed), dtype=dtype, **switches)
         if mesh is not None:
             sharding.shard_model(model, mesh)
         return model
     path = Path(source).absolute()  # Orbax wants absolute paths
-    marker = path / MARKER
-    metadata = json.loads(marker.read_text()) if marker.is_file() else {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a converted gptoss-jax checkpoint (no {MARKER} with format {FORMAT})")
-    config = GptOssConfig.from_pretrained(path / "config.json")
+    metadata = _marker(path)
+    config = _config(path, metadata)
     if mesh is not None:
         sharding.check_fits(dict(mesh.shape), config)
-    dtype = jnp.dtype(dtype or jnp.bfloat16)
     expert_format = metadata.get("expert_format", "mxfp4")
     abstract = nnx.eval_shape(lambda: GptOss(config, rngs=nnx.Rngs(0), dtype=dtype, expert_format=expert_format, **switches))
     graphdef, state = nnx.split(abstract)
-    with _local_context():
+    with _local_context(), _unreadable(path):
         stored = ocp.metadata(path / PARAMS).metadata
+    digests = metadata.get("digests", {})
     flat = nnx.to_flat_state(state)
     for param_path, variable in flat:
         param_path, target = tuple(str(p) for p in param_path), variable.get_value()
@@ -224,15 +272,49 @@ def load(
         if isinstance(variable, nnx.LoRAParam):
             value = _new_adapter(param_path, variable, whole, seed)
         elif param_path[0] not in STACKS:
-            value = _load_layer(path, stored, _keys(param_path, None), target, whole)
+            value = _load_layer(path, stored, _keys(param_path, None), target, whole, digests)
         else:
             value = jnp.zeros(target.shape, target.dtype, device=whole)
             layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype)
             for layer in range(target.shape[0]):
-                layer_value = _load_layer(path, stored, _keys(param_path, layer), layer_target, per_layer)
+                layer_value = _load_layer(path, stored, _keys(param_path, layer), layer_target, per_layer, digests)
                 value = _set_layer(value, layer_value, layer)
         variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def model_dtype(dtype: str | jnp.dtype | None) -> jnp.dtype:
+    """The compute dtype asked for: bfloat16 (the default) or float32 (parity); nothing else runs the model."""
+    try:
+        resolved = jnp.dtype(dtype or jnp.bfloat16)
+    except TypeError:
+        resolved = None
+    if resolved not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"dtype {dtype!r} is not supported; choose bfloat16 or float32")
+    return resolved
+
+
+def _marker(path: Path) -> dict[str, Any]:
+    marker = path / MARKER
+    try:
+        metadata = json.loads(marker.read_text()) if marker.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{marker} is damaged (not JSON: {error}); convert the checkpoint again") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a converted gptoss-jax checkpoint (no {MARKER} with format {FORMAT})")
+    return metadata
+
+
+def _config(path: Path, metadata: dict[str, Any]) -> GptOssConfig:
+    """config.json, refused if it differs from the config the checkpoint was converted with."""
+    config = GptOssConfig.from_pretrained(path / "config.json")
+    converted = metadata.get("config")
+    if converted is not None:
+        edited = [f"{key} is {value!r}, was {converted.get(key)!r}" for key, value in config.to_original_dict().items()
+                  if converted.get(key) != value]
+        if edited:
+            raise ValueError(f"{path / 'config.json'} was edited after conversion ({'; '.join(edited)}); restore it or convert again")
+    return config
 
 
 def _new_adapter(param_path: tuple[str, ...], variable: nnx.Variable, placement, seed: int) -> jax.Array:

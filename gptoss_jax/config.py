@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from gptoss_jax.mxfp4 import BLOCK as MXFP4_BLOCK  # expert contraction axes must be multiples of it
+
+MAX_LAYERS = 1024  # a sanity bound: a corrupt config could otherwise ask for a model of any depth
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,10 +43,13 @@ class GptOssConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"GptOssConfig.{field.name} must be a positive number, got {value!r}")
-            if field.type == "int" and not isinstance(value, int):
-                raise ValueError(f"GptOssConfig.{field.name} must be an integer, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if field.type == "int" and not (number and isinstance(value, int) and value > 0):
+                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+            if field.type == "float" and not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"{field.name} must be a finite positive number, got {value!r}")
+        if self.num_hidden_layers > MAX_LAYERS:  # refused before anything is built for that many layers
+            raise ValueError(f"num_hidden_layers={self.num_hidden_layers} exceeds {MAX_LAYERS} (gpt-oss-120b has 36)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -130,6 +136,8 @@ class GptOssConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
         try:
             return cls.from_dict(raw)
         except ValueError as error:
@@ -250,7 +258,7 @@ def _from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     raw = dict(raw)
     rope = raw.pop("rope_scaling", None) or raw.pop("rope_parameters", None) or {}
     raw.pop("rope_parameters", None)
-    if rope.get("rope_type", "yarn") != "yarn" or rope.get("truncate", False):
+    if not isinstance(rope, dict) or rope.get("rope_type", "yarn") != "yarn" or rope.get("truncate", False):
         raise ValueError(f"rope_scaling must be untruncated YaRN, got {rope}")
     if raw.pop("attention_bias", True) is not True:
         raise ValueError("attention_bias must be true: gpt-oss attention has biases")

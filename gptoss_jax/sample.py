@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
-from gptoss_jax import checkpoint, cli, harmony, moe
+from gptoss_jax import checkpoint, cli, harmony, moe, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import ATTENTION_IMPLS, GptOss
 from gptoss_jax.sampling import Greedy, Random, Sampler
-from gptoss_jax.tokenizer import ENDOFTEXT, get_encoding
+from gptoss_jax.tokenizer import ENDOFTEXT, VocabError, get_encoding
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -71,16 +72,34 @@ def _printer(args: argparse.Namespace):
     return None if args.json else on_text
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuses settings that would sample nonsense (a NaN temperature picks token 0 forever) before loading."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.mesh:
+        sharding.parse_mesh(args.mesh)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
+        _check_flags(args)
+        get_encoding()  # a bad vocabulary is reported before minutes of loading, not after
         mesh = cli.mesh_from_flags(args)
         strategy = Greedy() if args.temperature == 0 else Random(args.temperature, args.top_k, args.top_p)
         sampler = Sampler(_model(args, mesh), mesh=mesh)
         settings = dict(max_new_tokens=args.max_new_tokens, strategy=strategy, seed=args.seed)
         completion, generation = (_raw if args.raw else _harmony)(args, sampler, settings)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, VocabError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if generation is None:

@@ -59,8 +59,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     sizes = dict.fromkeys(AXES, 1)
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().isdigit():
-            raise ValueError(f"bad mesh {text!r}: expected comma-separated {'|'.join(AXES)}=N")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"bad --mesh {text!r}: expected comma-separated {'|'.join(AXES)}=N")
         sizes[name.strip()] = int(value)
     return sizes
 
@@ -100,12 +100,23 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if coordinator is None:
         return
+    num_processes = _job_setting("--num-processes", "JAX_NUM_PROCESSES", num_processes)
+    process_id = _job_setting("--process-id", "JAX_PROCESS_ID", process_id)
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} is not in [0, --num-processes {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=num_processes if num_processes is not None else int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"]),
-    )
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _job_setting(flag: str, variable: str, value: int | None) -> int:
+    """A multi-host setting from its flag or environment variable; a coordinator needs both settings."""
+    if value is None:
+        text = os.environ.get(variable, "")
+        if not text.strip().isdigit():
+            raise ValueError(f"--coordinator needs {flag} (or {variable}) as well, got {text!r}" if text else
+                             f"--coordinator needs {flag} (or {variable}) as well")
+        value = int(text)
+    return value
 
 
 def place_tree(tree, logical_tree, mesh: Mesh):

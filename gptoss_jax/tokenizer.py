@@ -81,9 +81,9 @@ def _candidates(explicit: str | None) -> list[tuple[str, Callable[[], bytes], bo
     if explicit or os.environ.get("GPTOSS_JAX_VOCAB"):
         path = Path(explicit or os.environ["GPTOSS_JAX_VOCAB"])
         sources.append((str(path), path.read_bytes, True))
-    if os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
+    if os.environ.get("TIKTOKEN_ENCODINGS_BASE"):  # a file there must be right; a folder without one is skipped
         path = Path(os.environ["TIKTOKEN_ENCODINGS_BASE"]) / VOCAB_FILE
-        sources.append((str(path), path.read_bytes, True))
+        sources.append((str(path), path.read_bytes, path.exists()))
     sources.append((str(_cache_folder() / VOCAB_FILE), (_cache_folder() / VOCAB_FILE).read_bytes, False))
     tiktoken_cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
     cached = Path(tiktoken_cache) / hashlib.sha1(VOCAB_URL.encode()).hexdigest()
