@@ -19,6 +19,7 @@ multi-host `load` read only the chunks its devices hold rows of.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -308,10 +309,9 @@ def _marker(path: Path) -> dict[str, Any]:
 def _config(path: Path, metadata: dict[str, Any]) -> GptOssConfig:
     """config.json, refused if it differs from the config the checkpoint was converted with."""
     config = GptOssConfig.from_pretrained(path / "config.json")
-    converted = metadata.get("config")
-    if converted is not None:
-        edited = [f"{key} is {value!r}, was {converted.get(key)!r}" for key, value in config.to_original_dict().items()
-                  if converted.get(key) != value]
+    if "config" in metadata:
+        now, converted = dataclasses.asdict(config), dataclasses.asdict(GptOssConfig.from_dict(metadata["config"]))
+        edited = [f"{key} is {now[key]!r}, was {converted[key]!r}" for key in now if now[key] != converted[key]]
         if edited:
             raise ValueError(f"{path / 'config.json'} was edited after conversion ({'; '.join(edited)}); restore it or convert again")
     return config

@@ -157,8 +157,10 @@ class GptOssConfig:
         return cls(**values)
 
     def to_original_dict(self) -> dict[str, Any]:
-        """The `original/config.json` layout."""
-        return dataclasses.asdict(self)
+        """The `original/config.json` layout. The published files omit `swiglu_alpha` and `rms_norm_eps`
+        (OpenAI's reference hard-codes them), so they are written only when they differ from those values."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        return {key: value for key, value in dataclasses.asdict(self).items() if defaults.get(key, dataclasses.MISSING) != value}
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face `config.json` layout (without `quantization_config`)."""

@@ -245,7 +245,7 @@ def test_corrupted_array_bytes_are_named_on_load(published, converted, tmp_path)
     """4 KiB overwritten inside stored expert blocks. Random MXFP4 bytes do not compress, so zstd keeps them
     raw and decodes the damage without complaint: only the digest from conversion can catch it."""
     ckpt = _copy(converted, tmp_path)
-    stored = read_header(published / SHARD)["model.layers.0.mlp.experts.gate_up_proj_blocks"].read()
+    stored = read_header(published / SHARD)["model.layers.1.mlp.experts.gate_up_proj_blocks"].read()  # loaded early
     needle = stored.tobytes()[8192 : 8192 + 64]
     hits = [(f, f.read_bytes().find(needle)) for f in (ckpt / "params").rglob("*") if f.is_file()]
     data, offset = next((f, at) for f, at in hits if at >= 0)
