@@ -23,6 +23,7 @@ def test_greedy_matches_transformers_generate():
     assert ours == theirs[0, len(prompt) :].tolist()
 
 
+@pytest.mark.slow  # the "wide" config's own compiles; test_stop_tokens_end_each_row_and_are_kept batches rows by default
 def test_batched_greedy_equals_each_prompt_alone():
     config = CONFIGS["wide"]
     model = build(config)
