@@ -3,8 +3,9 @@
 Compiles one cached decode step (batch 1) for each preset, mesh and context on abstract arrays, so
 nothing is allocated, and reads `compiled.memory_analysis()`. The numbers come from XLA's CPU
 compiler standing in for the GPU one (same program, same buffers; kernels and allocator differ).
+`--markdown` prints README.md's "Does it fit?" table, verbatim (tests/test_readme_tables.py checks it).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/memory.py [--json out.json]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/memory.py [--markdown] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ SCENARIOS = [  # (preset, mesh sizes (data, expert, model), what it stands for)
     ("gpt-oss-120b", (1, 8, 1), "8 GPUs, expert axis 8"),
 ]
 CONTEXTS = (4096, 131072)
+GIB = 2**30
+MARKDOWN_HEADER = (
+    "| preset | mesh (data, expert, model) | stands for | context | weights GiB | KV cache GiB | temp GiB | peak GiB |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
 
 
 def measure(preset: str, sizes: tuple[int, int, int], context: int) -> dict:
@@ -58,22 +64,41 @@ def measure(preset: str, sizes: tuple[int, int, int], context: int) -> dict:
             "cache_bytes_per_device": cache_bytes, "temp_bytes": memory.temp_size_in_bytes, "peak_bytes_per_device": peak}
 
 
+def rows(scenarios=SCENARIOS, contexts=CONTEXTS):
+    """`measure` for every scenario and context, with what the scenario stands for."""
+    for preset, sizes, meaning in scenarios:
+        for context in contexts:
+            yield measure(preset, sizes, context) | {"stands_for": meaning}
+
+
+def markdown_row(row: dict) -> str:
+    """One row of README.md's "Does it fit?" table."""
+    figures = ("weight_bytes_per_device", "cache_bytes_per_device", "temp_bytes", "peak_bytes_per_device")
+    cells = [row["preset"], str(tuple(row["mesh"])), row["stands_for"], f"{row['context'] // 1024}k", *(f"{row[f] / GIB:.2f}" for f in figures)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def text_row(row: dict) -> str:
+    return (f"{row['preset']:<14}{str(row['mesh']):<14}{row['stands_for']:<24}{row['context']:>8}{row['weight_bytes_per_device'] / GIB:>13.2f}"
+            f"{row['cache_bytes_per_device'] / GIB:>9.2f}{row['temp_bytes'] / GIB:>10.2f}{row['peak_bytes_per_device'] / GIB:>10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print README.md's table (markdown) instead of aligned text")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    rows = []
-    print(f"{'preset':<14}{'mesh (d,e,m)':<14}{'stands for':<24}{'context':>8}{'weights GiB':>13}{'KV GiB':>9}{'temp GiB':>10}{'peak GiB':>10}")
-    for preset, sizes, meaning in SCENARIOS:
-        for context in CONTEXTS:
-            row = measure(preset, sizes, context) | {"stands_for": meaning}
-            rows.append(row)
-            gib = 2**30
-            print(f"{preset:<14}{str(sizes):<14}{meaning:<24}{context:>8}{row['weight_bytes_per_device'] / gib:>13.2f}"
-                  f"{row['cache_bytes_per_device'] / gib:>9.2f}{row['temp_bytes'] / gib:>10.2f}{row['peak_bytes_per_device'] / gib:>10.2f}", flush=True)
+    if args.markdown:
+        print(MARKDOWN_HEADER, flush=True)
+    else:
+        print(f"{'preset':<14}{'mesh (d,e,m)':<14}{'stands for':<24}{'context':>8}{'weights GiB':>13}{'KV GiB':>9}{'temp GiB':>10}{'peak GiB':>10}")
+    measured = []
+    for row in rows():
+        measured.append(row)
+        print(markdown_row(row) if args.markdown else text_row(row), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump(measured, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -62,4 +62,3 @@ def test_malformed_output_gives_raw_text_and_a_flag():
 
 def test_stop_tokens_agree_with_openai_harmony():
     assert sorted(harmony.get_encoding().stop_tokens_for_assistant_actions()) == [tokenizer.RETURN, tokenizer.CALL]
-    assert oh.Role.ASSISTANT.value == "assistant"
