@@ -47,16 +47,6 @@ def test_tiny_beside_transformers(tmp_path):
     assert figures["peer"]["param_bytes"] == peers.hf_bf16_bytes(TINY)
     # Our KV cache: 2 sliding layers of 8 slots and 2 full ones of 16 + 3 slots; k and v, 2 heads of 16, bf16; int32 lengths.
     assert figures["ours"]["cases"][0]["cache_bytes"] == (2 * 8 + 2 * 19) * 2 * (2 * 2 * 16 * 2) + 2 * 4
-    for row in figures["table"]:
-        if row["ratio"] is not None:  # > 1 where ours is better
-            better = row["ours"] / row["peer"] if row["higher_is_better"] else row["peer"] / row["ours"]
-            assert row["ratio"] == pytest.approx(better)
-        if row["target"] is not None:
-            op, limit = row["target"].split()
-            assert row["met"] == (row["ours"] >= float(limit) if op == ">=" else row["ours"] <= float(limit))
-    (limits,) = figures["roofline"]
-    assert limits["ceiling_tokens_per_s"] == pytest.approx(2 * figures["bandwidth_bytes_per_s"] / limits["bytes_per_step"])
-    assert limits["ours_fraction"] == pytest.approx(figures["ours"]["cases"][0]["decode_tokens_per_s"] / limits["ceiling_tokens_per_s"])
     assert "greedy first tokens equal to transformers' in 2 of 2 rows" in finished.stdout
 
 
