@@ -119,6 +119,23 @@ def _job_setting(flag: str, variable: str, value: int | None) -> int:
     return value
 
 
+def over_data(placement: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """`placement` further split over the data axis (ZeRO-1, for optimizer state): on the first dimension
+    it leaves whole that the data size divides. Each data shard then updates only its slice of the state;
+    arrays with no such dimension stay as they are."""
+    if not isinstance(placement, NamedSharding):
+        return placement
+    data = placement.mesh.shape[RULES["batch"]]
+    entries = list(placement.spec) + [None] * (len(shape) - len(placement.spec))
+    if data == 1 or RULES["batch"] in jax.tree.leaves(entries):
+        return placement
+    for dim, (entry, size) in enumerate(zip(entries, shape)):
+        if entry is None and size % data == 0:
+            entries[dim] = RULES["batch"]
+            return NamedSharding(placement.mesh, PartitionSpec(*entries))
+    return placement
+
+
 def place_tree(tree, logical_tree, mesh: Mesh):
     """`place`s every array of `tree` on `mesh` per the logical axes at the same spot of `logical_tree`."""
     return jax.tree.map(lambda value, logical: place(value, named(mesh, logical)), tree, logical_tree)

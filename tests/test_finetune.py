@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import build
 from flax import nnx
+from test_sharding import run_processes
 from test_training import CONFIG, lora_model
 
 import gptoss_jax
@@ -83,6 +85,28 @@ def test_micro_batches_sum_to_one_batch_and_the_step_compiles_once():
     # by up to ~1e-4 of lr (measured 1.3e-6 at lr 1e-2); a missing or doubled micro-batch moves it by ~lr.
     for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(four_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * config.lr)
+
+
+@pytest.mark.slow  # three trainings, each with its own compile: ~10 minutes on 2 cores
+def test_meshes_and_processes_train_as_one_device(tmp_path):
+    """3 LoRA steps on the (2, 2, 1) mesh of 4 devices, in one process and as 2 processes x 2 devices (each
+    building only its own rows), against one device; the AdamW moments split over `data` (ZeRO-1)."""
+    script = Path(__file__).with_name("sharded_trainer_check.py")
+    result = subprocess.run([sys.executable, str(script), "reference", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / "mesh.json").read_text())]
+    assert reports[0]["opt_specs_over_data"], "no optimizer state is split over the data axis"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    results = run_processes(2, ["multihost", str(tmp_path)], logs, timeout=1800, script=script.name)
+    assert all(code == 0 for code, _ in results), [(code, stderr[-2000:]) for code, stderr in results]
+    for i in range(2):
+        reports.append(json.loads((tmp_path / f"multihost-{i}.json").read_text()))
+        assert reports[-1]["processes"] == 2 and reports[-1]["devices"] == 4
+    for report in reports:
+        # float32; the mesh reorders the sums (all-to-all, all-reduce over data). As in the micro-batch
+        # test, Adam's first steps amplify that only where |g| is tiny: bounded by 1e-3 of lr.
+        assert report["loss"] < 1e-5 and report["params"] < 1e-3 * 1e-2, report
 
 
 def test_bad_settings_are_refused():

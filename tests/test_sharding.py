@@ -34,8 +34,8 @@ def test_meshes_match_one_device(tmp_path):
     assert report["restored_equal"] and report["restored_expert_shard_rows"] == report["num_experts"] // 4
 
 
-def _run_processes(count: int, args: list[str], logs: Path, timeout: float = 900) -> list[tuple[int, str]]:
-    """`count` sharded_check.py processes of one jax.distributed job: (exit code, stderr) of each.
+def run_processes(count: int, args: list[str], logs: Path, timeout: float = 900, script: str = "sharded_check.py") -> list[tuple[int, str]]:
+    """`count` processes of `script` (beside this file) in one jax.distributed job: (exit code, stderr) of each.
 
     A failure in one ends them all: when one exits non-zero (or the time is up) the others are killed,
     since they would otherwise wait for it in a collective or barrier.
@@ -47,7 +47,7 @@ def _run_processes(count: int, args: list[str], logs: Path, timeout: float = 900
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(count),
                "JAX_PROCESS_ID": str(i)}
         with stderrs[-1].open("w") as stderr:
-            processes.append(subprocess.Popen([sys.executable, str(HERE / "sharded_check.py"), *args], env=env,
+            processes.append(subprocess.Popen([sys.executable, str(HERE / script), *args], env=env,
                                               stdout=subprocess.DEVNULL, stderr=stderr))
     deadline = time.monotonic() + timeout
     try:
@@ -68,7 +68,7 @@ def test_two_processes_match_one(tmp_path):
     assert saved.returncode == 0, saved.stderr[-3000:]
     logs = tmp_path / "logs"
     logs.mkdir()
-    results = _run_processes(2, ["multihost", str(tmp_path)], logs)
+    results = run_processes(2, ["multihost", str(tmp_path)], logs)
     assert all(code == 0 for code, _ in results), [(code, stderr[-2000:]) for code, stderr in results]
     reports = [json.loads((tmp_path / f"multihost-{i}.json").read_text()) for i in range(2)]
     for report in reports:

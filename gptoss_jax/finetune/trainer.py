@@ -6,7 +6,7 @@ as float32 master copies with float32 AdamW moments, cast to the model's dtype f
 step scans over micro-batches, summing each one's masked token losses and gradients, and divides by the
 global batch's count of learned tokens: the update equals that of one big batch. Parameters, optimizer
 state and the batch have their shardings pinned from `sharding.RULES`, so the step compiles once per
-padded length.
+padded length; the optimizer state is also split over the data axis (ZeRO-1, `sharding.over_data`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from gptoss_jax import sharding
 from gptoss_jax.finetune import data
@@ -102,6 +102,12 @@ class Trainer:
         self.params = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master copy
         self.optimizer = config.optimizer()
         self.opt_state = jax.jit(self.optimizer.init)(self.params)
+        if mesh is not None:  # moments as their parameter and split over data (ZeRO-1); the step count replicated
+            placements = optax.tree_map_params(
+                self.optimizer, lambda moment, placement: sharding.over_data(placement, moment.shape), self.opt_state,
+                self._shardings(trainable), transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+            )
+            self.opt_state = jax.device_put(self.opt_state, placements)
         state_shardings = (self._shardings(trainable), jax.tree.map(lambda x: x.sharding, self.opt_state))
         self.batch_sharding = NamedSharding(mesh, sharding.spec(BATCH_AXES)) if mesh is not None else self._device()
         self._step = jax.jit(
