@@ -91,3 +91,23 @@ def test_two_processes_match_one(tmp_path):
 def test_bad_meshes_are_clear_errors_before_compiling(sizes, message):
     result = _run("bad-mesh", sizes)
     assert result.returncode == 0 and message in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_optimizer_state_splits_over_data_where_it_can():
+    """ZeRO-1's placement: the first whole dimension the data size divides takes the data axis."""
+    from jax.sharding import AbstractMesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from gptoss_jax import sharding
+
+    mesh = AbstractMesh((2, 2, 1), sharding.AXES)
+    cases = [
+        (P(None, "expert", None), (3, 4, 6), P(None, "expert", "data")),  # layers 3 and experts taken: the last
+        (P(None, "expert", None), (3, 4, 5), P(None, "expert", None)),  # nothing even is left whole
+        (P(), (), P()),  # Adam's step count
+        (P("data"), (4,), P("data")),  # already split over data
+    ]
+    for spec, shape, expected in cases:
+        assert sharding.over_data(NamedSharding(mesh, spec), shape).spec == expected
+    one = AbstractMesh((1, 2, 1), sharding.AXES)
+    assert sharding.over_data(NamedSharding(one, P(None, None)), (4, 4)).spec == P(None, None)
