@@ -20,6 +20,12 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+
+from gptoss_jax import sharding  # noqa: E402
+
+if MODE == "multihost":
+    sharding.initialize_distributed()  # before the test modules below touch a device
+
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
@@ -28,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_finetune import examples  # noqa: E402
 from test_training import lora_model  # noqa: E402
 
-from gptoss_jax import sharding  # noqa: E402
 from gptoss_jax.finetune.trainer import TrainConfig, Trainer  # noqa: E402
 
 CONFIG = TrainConfig(method="lora", steps=3, global_batch=8, micro_batch=2, max_length=64, lr=1e-2, warmup=0.0)
@@ -63,7 +68,6 @@ def main() -> None:
         report = {**errors(mesh_losses, mesh_params, {"losses": np.asarray(losses), **params}), "opt_specs_over_data": sorted(specs)}
         (out / "mesh.json").write_text(json.dumps(report))
     else:
-        sharding.initialize_distributed()
         reference = dict(np.load(out / "reference.npz"))
         losses, params, _ = train(sharding.make_mesh(*MESH))
         report = {**errors(losses, params, reference), "processes": jax.process_count(), "devices": jax.device_count()}
