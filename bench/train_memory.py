@@ -6,7 +6,9 @@ placed on an abstract mesh, so nothing is allocated; reads `compiled.memory_anal
 compiler stands in for the GPU one (same program and buffers; its allocator and fusions differ).
 Per-layer remat and the `grouped` MoE throughout.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_memory.py [--json out.json]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_memory.py [--markdown] [--json out.json]
+
+`--markdown` prints README.md's fine-tuning memory table, verbatim (tests/test_readme_tables.py checks it).
 """
 
 from __future__ import annotations
@@ -79,23 +81,50 @@ def measure(preset: str, training: str, sizes: tuple[int, int, int], tokens: int
     }
 
 
+GIB = 2**30
+FIGURES = ("trained_bytes_per_device", "frozen_bytes_per_device", "optimizer_bytes_per_device", "temp_bytes", "peak_bytes_per_device")
+MARKDOWN_HEADER = (
+    "| preset | training | mesh (data, expert, model) | stands for | tokens | trained GiB | frozen GiB | AdamW GiB | temp GiB | peak GiB |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def rows(scenarios=SCENARIOS, tokens: int | None = None):
+    """`measure` for every scenario (at `tokens` per step if given), with what the scenario stands for."""
+    for preset, training, sizes, default_tokens, meaning in scenarios:
+        yield measure(preset, training, sizes, tokens or default_tokens) | {"stands_for": meaning}
+
+
+def markdown_row(row: dict) -> str:
+    """One row of README.md's fine-tuning memory table."""
+    cells = [row["preset"], row["training"], str(tuple(row["mesh"])), row["stands_for"], str(row["tokens"]),
+             *(f"{row[f] / GIB:.2f}" for f in FIGURES)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def text_row(row: dict) -> str:
+    return (f"{row['preset']:<14}{row['training']:<9}{str(tuple(row['mesh'])):<14}{row['tokens']:>7}"
+            + "".join(f"{row[f] / GIB:>{w}.2f}" for f, w in zip(FIGURES, (12, 11, 9, 9, 9))) + f"  {row['stands_for']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print README.md's table (markdown) instead of aligned text")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--tokens", type=int, help="tokens per step for every scenario (default: each scenario's)")
     args = parser.parse_args()
-    rows, gib = [], 2**30
-    print(f"{'preset':<14}{'training':<9}{'mesh (d,e,m)':<14}{'tokens':>7}{'trained GiB':>12}{'frozen GiB':>11}"
-          f"{'adam GiB':>9}{'temp GiB':>9}{'peak GiB':>9}  stands for")
-    for preset, training, sizes, tokens, meaning in SCENARIOS:
-        row = measure(preset, training, sizes, args.tokens or tokens) | {"stands_for": meaning}
-        rows.append(row)
-        print(f"{preset:<14}{training:<9}{str(sizes):<14}{row['tokens']:>7}{row['trained_bytes_per_device'] / gib:>12.2f}"
-              f"{row['frozen_bytes_per_device'] / gib:>11.2f}{row['optimizer_bytes_per_device'] / gib:>9.2f}"
-              f"{row['temp_bytes'] / gib:>9.2f}{row['peak_bytes_per_device'] / gib:>9.2f}  {meaning}", flush=True)
+    if args.markdown:
+        print(MARKDOWN_HEADER, flush=True)
+    else:
+        print(f"{'preset':<14}{'training':<9}{'mesh (d,e,m)':<14}{'tokens':>7}{'trained GiB':>12}{'frozen GiB':>11}"
+              f"{'adam GiB':>9}{'temp GiB':>9}{'peak GiB':>9}  stands for")
+    measured = []
+    for row in rows(tokens=args.tokens):
+        measured.append(row)
+        print(markdown_row(row) if args.markdown else text_row(row), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump(measured, handle, indent=2)
 
 
 if __name__ == "__main__":

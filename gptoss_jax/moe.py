@@ -294,11 +294,8 @@ def _expert_rows(experts: Experts, w1_FH, w2_HI, b1_F, b2_H, lora1, lora2, rows_
 
 
 def pallas(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """`grouped`'s algorithm by the grouped MXFP4 kernels (`kernels.experts`), differentiated as `grouped`."""
-    return kernels.with_reference_vjp(_pallas, grouped)(experts, t_BTH, experts_BTK, weights_BTK)
-
-
-def _pallas(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """`grouped`'s algorithm by the grouped MXFP4 kernels (`kernels.experts`), backward included (the
+    packed weights frozen; gradients to the tokens, routing weights and biases)."""
     order_P, counts_E = sort_by_expert(experts_BTK.reshape(-1), experts.mlp1_bias.shape[0])
     return kernels.experts(experts, t_BTH, weights_BTK, order_P, counts_E)
 

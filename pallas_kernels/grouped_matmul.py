@@ -12,6 +12,9 @@ weights. The grid is (N tiles, work items) with a static bound of row tiles + mi
 (unused items store nothing), so a decode step with 4 selected experts runs about 4 items per N tile
 whatever E is, and each weight byte of a tile is read once per item.
 
+`grouped_matmul_transposed` is the input gradient's product, `dy_rows @ W_e` (`[M, K]`): the same
+packed weights read in the other orientation, the work split the same way, the contraction over N.
+
 Epilogues (float32, before the single store):
 - "swiglu" (mlp1): add bias, then gpt-oss's clamped SwiGLU on interleaved columns (even = gate, odd =
   linear). Gate and linear weight rows are loaded with stride 2 into two accumulators, so the output
@@ -35,10 +38,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.mxfp4 import decode, platform
+from pallas_kernels.mxfp4 import decode, largest_pow2_divisor, platform
 from pallas_kernels.mxfp4_format import BLOCK, BYTES_PER_BLOCK
 
 EPILOGUES = ("swiglu", "scale")
+MIN_DOT = 16  # Triton's smallest dot dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +72,15 @@ def default_block_sizes(backend: str, rows: int, num_experts: int) -> BlockSizes
     return BlockSizes(m=block_m, n=64 if block_m <= 32 else 128, k=128)
 
 
-def k_steps(size: int, block_k: int) -> list[tuple[int, int, int]]:
-    """Split a contraction of `size` (a multiple of 32) into (start, step, count) runs of power-of-two steps.
+def k_steps(size: int, block_k: int, unit: int = BLOCK) -> list[tuple[int, int, int]]:
+    """Split a contraction of `size` (a multiple of `unit`) into (start, step, count) runs of power-of-two steps.
 
     Full `block_k` steps first, then the remainder by its binary digits, so K = 2880 = 90 x 32 runs
-    as 22 steps of 128 and one of 64 with no masking.
+    as 22 steps of 128 and one of 64 with no masking. The forward contracts over MXFP4 blocks (unit
+    32); the transposed product over weight rows, down to Triton's smallest dot (16).
     """
-    if size % BLOCK or block_k % BLOCK or block_k & (block_k - 1):
-        raise ValueError(f"K={size} and block_k={block_k} must be multiples of {BLOCK}, block_k a power of two")
+    if size % unit or block_k % unit or block_k & (block_k - 1):
+        raise ValueError(f"K={size} and block_k={block_k} must be multiples of {unit}, block_k a power of two")
     runs, start, step = [], 0, block_k
     while start < size:
         count = (size - start) // step
@@ -140,15 +145,21 @@ def _products(x_ref, x_rows, w_ref, s_ref, expert: tuple, row_sets, block_m: int
     return accs
 
 
-def _kernel(group_ref, tile_ref, start_ref, end_ref, x_ref, w_ref, s_ref, b_ref, *rest, epilogue: str,
-            num_experts: int, block_m: int, block_k: int, alpha: float, limit: float, backend: str):
-    row_scale_ref, o_ref = rest if epilogue == "scale" else (None, *rest)
-    item = pl.program_id(1)
+def swiglu(gate: jax.Array, linear: jax.Array, alpha: float, limit: float) -> jax.Array:
+    """gpt-oss's clamped SwiGLU of split gate and linear pre-activations (the "swiglu" epilogue)."""
+    gate = jnp.minimum(gate, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (jnp.clip(linear, -limit, limit) + 1)
+
+
+def _item(item, group_ref, tile_ref, start_ref, end_ref, o_ref, block_m: int, backend: str):
+    """Work item `item`'s (group, rows to read, expert index, masked store of its own rows).
+
+    GPU refs hold every row and expert (the item picks its own); TPU refs are already the item's blocks.
+    """
     group = group_ref[item]
     first_row = tile_ref[item] * block_m
     rows = first_row + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
     mine = (rows >= start_ref[item]) & (rows < end_ref[item])
-    # GPU refs hold every row and expert (this item picks its own); TPU refs are this item's blocks.
     x_rows, expert = (pl.ds(first_row, block_m), (group,)) if backend == "gpu" else (slice(None), ())
 
     def store(value):
@@ -158,15 +169,23 @@ def _kernel(group_ref, tile_ref, start_ref, end_ref, x_ref, w_ref, s_ref, b_ref,
         else:
             o_ref[...] = jnp.where(mask, value.astype(o_ref.dtype), o_ref[...])
 
+    return group, x_rows, expert, store
+
+
+def _kernel(group_ref, tile_ref, start_ref, end_ref, x_ref, w_ref, s_ref, b_ref, *rest, epilogue: str,
+            num_experts: int, block_m: int, block_k: int, alpha: float, limit: float, backend: str):
+    row_scale_ref, o_ref = rest if epilogue == "scale" else (None, *rest)
+    group, x_rows, expert, store = _item(pl.program_id(1), group_ref, tile_ref, start_ref, end_ref, o_ref, block_m, backend)
+
     @pl.when(group < num_experts)
     def _():
         block_n = w_ref.shape[-2]
         if epilogue == "swiglu":
             gate_rows, linear_rows = pl.ds(0, block_n // 2, stride=2), pl.ds(1, block_n // 2, stride=2)
             gate, linear = _products(x_ref, x_rows, w_ref, s_ref, expert, (gate_rows, linear_rows), block_m, block_k)
-            gate = jnp.minimum(gate + b_ref[(*expert, slice(None), gate_rows)].astype(jnp.float32), limit)
-            linear = jnp.clip(linear + b_ref[(*expert, slice(None), linear_rows)].astype(jnp.float32), -limit, limit)
-            store(gate * jax.nn.sigmoid(alpha * gate) * (linear + 1))
+            gate = gate + b_ref[(*expert, slice(None), gate_rows)].astype(jnp.float32)
+            linear = linear + b_ref[(*expert, slice(None), linear_rows)].astype(jnp.float32)
+            store(swiglu(gate, linear, alpha, limit))
         else:
             (acc,) = _products(x_ref, x_rows, w_ref, s_ref, expert, (pl.ds(0, block_n),), block_m, block_k)
             acc = acc + b_ref[(*expert, slice(None), slice(None))].astype(jnp.float32)
@@ -275,5 +294,144 @@ def _tpu_call(kernel, tables, operands, out_shape, sizes: BlockSizes, interpret:
         grid_spec=grid_spec,
         # Consecutive items may revisit one output block, so the item axis runs in order.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+    )(*tables, *operands)
+
+
+def grouped_matmul_transposed(
+    dy: jax.Array,
+    group_sizes: jax.Array,
+    blocks: jax.Array,
+    scales: jax.Array,
+    *,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Per-expert `dy_rows @ W_e` for `dy [M, N]`: `[M, K]` in dy's dtype, zeros past sum(group_sizes).
+
+    The backward of `grouped_matmul`'s product with respect to x. Each program decodes `[step, BN]`
+    tiles of W (N rows by a tile of K columns) in registers and contracts them with dy's matching
+    columns, so the frozen packed weights are never dequantized to memory. `block_sizes.n` caps the
+    output (K) columns per program, `block_sizes.k` the contraction (N) per step.
+    """
+    num_experts, n, groups, _ = blocks.shape
+    rows = dy.shape[0]
+    if dy.shape[1] != n or scales.shape != blocks.shape[:3]:
+        raise ValueError(f"dy {dy.shape}, blocks {blocks.shape}, scales {scales.shape} disagree")
+    if n % MIN_DOT:
+        raise ValueError(f"N={n} weight rows: the transposed product needs a multiple of {MIN_DOT}")
+    backend = platform(backend)
+    sizes = block_sizes or default_block_sizes(backend, rows, num_experts)
+    k = groups * BLOCK
+    padded_rows = pl.cdiv(rows, sizes.m) * sizes.m
+    operands = [jnp.pad(dy, ((0, padded_rows - rows), (0, 0))), blocks.reshape(num_experts, n, k // 2), scales]
+    tables = work_items(group_sizes, padded_rows, sizes.m)
+    kernel = functools.partial(
+        _transposed_kernel, num_experts=num_experts, block_m=sizes.m, block_n=sizes.k, backend=backend,
+    )
+    out_shape = jax.ShapeDtypeStruct((padded_rows, k), dy.dtype)
+    if backend == "gpu":
+        out = _gpu_transposed_call(kernel, tables, operands, out_shape, largest_pow2_divisor(k, sizes.n), sizes.m, interpret)
+    else:
+        out = _tpu_transposed_call(kernel, tables, operands, out_shape, _tpu_rows_per_block(n, 8 * sizes.k), sizes.m, interpret)
+    return out[:rows]
+
+
+def _transposed_kernel(group_ref, tile_ref, start_ref, end_ref, dy_ref, w_ref, s_ref, o_ref, *scratch,
+                       num_experts: int, block_m: int, block_n: int, backend: str):
+    item = pl.program_id(1 if backend == "gpu" else 0)
+    group, dy_rows, expert, store = _item(item, group_ref, tile_ref, start_ref, end_ref, o_ref, block_m, backend)
+
+    def product():
+        """float32 `dy[dy_rows] @ W[expert]` over the W rows in the refs, decoding W step by step."""
+        acc = jnp.zeros((block_m, 2 * w_ref.shape[-1]), jnp.float32)
+        for start, step, count in k_steps(w_ref.shape[-2], block_n, unit=MIN_DOT):
+
+            def accumulate(j, acc, start=start, step=step):
+                w_rows = pl.ds(start + j * step, step)
+                dy = dy_ref[dy_rows, w_rows]
+                w = decode(w_ref[(*expert, w_rows, slice(None))], s_ref[(*expert, w_rows, slice(None))]).astype(dy.dtype)
+                return acc + jax.lax.dot_general(dy, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+            acc = jax.lax.fori_loop(0, count, accumulate, acc) if count > 1 else accumulate(0, acc)
+        return acc
+
+    if backend == "gpu":  # a program holds all of N: one product, one store
+
+        @pl.when(group < num_experts)
+        def _():
+            store(product())
+
+        @pl.when(group == num_experts)
+        def _():
+            store(jnp.zeros((block_m, o_ref.shape[-1]), jnp.float32))
+
+        return
+    # TPU: N arrives in blocks along the grid's last axis, summed in a float32 scratch, stored after the last
+    # (the padding group adds nothing, so it stores zeros).
+    (acc_ref,) = scratch
+    n_block = pl.program_id(1)
+
+    @pl.when(n_block == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(group < num_experts)
+    def _():
+        acc_ref[...] += product()
+
+    @pl.when(n_block == pl.num_programs(1) - 1)
+    def _():
+        store(acc_ref[...])
+
+
+def _tpu_rows_per_block(n: int, cap: int) -> int:
+    """W rows per TPU block: the largest multiple of 128 (a lane tile of dy) dividing N up to `cap` (8 steps;
+    2048 rows, 1.4 MB of packed gpt-oss weights by default), else all N."""
+    return next((b for b in range(cap - cap % 128, 0, -128) if n % b == 0), n)
+
+
+def _gpu_transposed_call(kernel, tables, operands, out_shape, block_k: int, block_m: int, interpret: bool) -> jax.Array:
+    """Triton: whole-array refs for the tables and dy; weights and output tiled over K (`block_k`, a power of two)."""
+    num_experts, n, _ = operands[1].shape
+    whole = lambda array: pl.BlockSpec(array.shape, lambda j, i: (0,) * array.ndim)  # noqa: E731
+    in_specs = [whole(t) for t in tables[:4]] + [
+        whole(operands[0]),
+        pl.BlockSpec((num_experts, n, block_k // 2), lambda j, i: (0, 0, j)),
+        pl.BlockSpec((num_experts, n, block_k // BLOCK), lambda j, i: (0, 0, j)),
+    ]
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(out_shape.shape[1] // block_k, tables[0].shape[0]),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((out_shape.shape[0], block_k), lambda j, i: (0, j)),
+        compiler_params=pltriton.CompilerParams(num_warps=4 if block_m <= 32 else 8, num_stages=3),
+        interpret=interpret,
+    )(*tables[:4], *operands)
+
+
+def _tpu_transposed_call(kernel, tables, operands, out_shape, block_rows: int, block_m: int, interpret: bool) -> jax.Array:
+    """Mosaic: items in order, each summing W's row blocks (grid axis 1) over all of K (scales' lanes are K/32)."""
+    _, n, num_bytes = operands[1].shape
+    # Index maps get (item i, W row block r, *tables); tables = (group, tile, start, end, weight group).
+    expert = lambda i, r, group, tile, start, end, weight: (weight[i], r, 0)  # noqa: E731
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(tables),
+        grid=(tables[0].shape[0], n // block_rows),
+        in_specs=[
+            pl.BlockSpec((block_m, block_rows), lambda i, r, group, tile, start, end, weight: (tile[i], r)),
+            pl.BlockSpec((None, block_rows, num_bytes), expert),
+            pl.BlockSpec((None, block_rows, operands[2].shape[2]), expert),
+        ],
+        out_specs=pl.BlockSpec((block_m, out_shape.shape[1]), lambda i, r, group, tile, start, end, weight: (tile[i], 0)),
+        scratch_shapes=[pltpu.VMEM((block_m, out_shape.shape[1]), jnp.float32)],
+    )
+    return pl.pallas_call(
+        lambda *refs: kernel(*refs[:4], *refs[5:]),  # the weight-group table only feeds the index maps
+        out_shape=out_shape,
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
         interpret=interpret,
     )(*tables, *operands)

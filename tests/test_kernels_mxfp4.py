@@ -116,6 +116,31 @@ def test_grouped_matmul_matches_per_row_reference(case, dtype, epilogue, backend
         np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-5 * scale)
 
 
+# The transposed product: the CASES plus N = 384 over blocks of 128 W rows on TPU (cap 8 x k), summed
+# across the grid in the scratch.
+TRANSPOSED_CASES = {**CASES, "E4-N384": ([9, 0, 5, 11], 384, 96, gm.BlockSizes(m=16, n=64, k=16), 27)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [pytest.param("E5", marks=pytest.mark.slow), "E7", "E4-N384"])
+def test_grouped_matmul_transposed_matches_per_row_reference(case, backend):
+    sizes, n, k, block_sizes, m = TRANSPOSED_CASES[case]
+    rng = np.random.default_rng(2)
+    blocks, scales = _packed(rng, len(sizes), n, k)
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    got = np.asarray(gm.grouped_matmul_transposed(
+        jnp.asarray(dy), jnp.asarray(sizes, jnp.int32), blocks, scales, block_sizes=block_sizes, backend=backend,
+        interpret=True,
+    ))
+    rows = sum(sizes)
+    w_ENK = np.asarray(reference.dequantize(blocks, scales, jnp.float32), np.float64)
+    want = np.einsum("rn,rnk->rk", dy[:rows], w_ENK[np.repeat(np.arange(len(sizes)), sizes)])
+    assert got.shape == (m, k) and not np.isnan(got).any()  # every element written
+    assert (got[rows:] == 0).all()
+    # float32 accumulation over N <= 384 vs float64: measured <= 2.2e-7 of the largest value.
+    np.testing.assert_allclose(got[:rows], want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
 def _packed_experts(rng, num_experts, hidden, intermediate):
     mlp1 = moe.PackedMatrices(*map(jnp.asarray, _packed(rng, num_experts, 2 * intermediate, hidden)))
     mlp2 = moe.PackedMatrices(*map(jnp.asarray, _packed(rng, num_experts, hidden, intermediate)))
@@ -147,6 +172,39 @@ def test_experts_mlp_matches_gather(tokens, backend):
     # float32 both; only the summation order differs (K = 64 then 96, 3 experts): measured <= 1.7e-7
     # of the largest value, allowed 2e-6.
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])  # gpu: 90 s interpreted
+def test_experts_mlp_gradients_match_gather(backend):
+    """The kernels' backward (recomputed pre-activations, transposed products) against reverse mode
+    through `moe.gather`'s XLA decode: gradients of the tokens, routing weights and both biases."""
+    num_experts, top_k, hidden, intermediate, tokens = 5, 2, 64, 96, 11
+    rng = np.random.default_rng(7)
+    experts = _packed_experts(rng, num_experts, hidden, intermediate)
+    x_MH = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32) * 0.3
+    experts_MK = jnp.asarray(np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k], jnp.int32)
+    experts_MK = experts_MK.at[:, 0].set(jnp.where(experts_MK[:, 0] == 3, 4, experts_MK[:, 0]))  # expert 3: fewer rows
+    weights_MK = jax.nn.softmax(jnp.asarray(rng.standard_normal((tokens, top_k)), jnp.float32))
+    cotangent = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32)
+    order_C, counts_E = moe.sort_by_expert(experts_MK.reshape(-1), num_experts)
+
+    def by_kernels(x, w, b1, b2):
+        return jnp.vdot(cotangent, pallas_moe.experts_mlp(
+            x, w, order_C, counts_E, experts.mlp1.blocks, experts.mlp1.scales, b1, experts.mlp2.blocks,
+            experts.mlp2.scales, b2, alpha=ALPHA, limit=LIMIT, backend=backend, interpret=True,
+        ))
+
+    def by_gather(x, w, b1, b2):
+        changed = moe.Experts(experts.mlp1, b1, experts.mlp2, b2, alpha=ALPHA, limit=LIMIT)
+        return jnp.vdot(cotangent, moe.gather(changed, x[None], experts_MK[None], w[None])[0])
+
+    args = (x_MH, weights_MK, experts.mlp1_bias, experts.mlp2_bias)
+    got = jax.grad(by_kernels, argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(by_gather, argnums=(0, 1, 2, 3))(*args)
+    # float32 both; only the summation order differs: measured 9.4e-7 (tokens), 1.4e-7 (routing weights) and 0
+    # (biases) of each gradient's largest element, both kernel flavours.
+    for name, g, w in zip(["x", "routing weights", "mlp1 bias", "mlp2 bias"], got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=name)
 
 
 # gpt-oss-20b: E = 32, H = I = 2880 (K = 90 blocks of 32), mlp1 N = 5760.
@@ -186,3 +244,29 @@ def test_experts_mlp_lowers(platform):
     )
     backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
     assert_lowers(pallas_moe.experts_mlp, *args, platform=platform, alpha=ALPHA, limit=LIMIT, backend=backend)
+
+
+@pytest.mark.parametrize("rows", [16, 4096], ids=["decode", "prefill"])
+@pytest.mark.parametrize("n", [2 * H20, H20], ids=["mlp1", "mlp2"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_grouped_matmul_transposed_lowers(platform, n, rows):
+    blocks, scales, _ = _weights(n, H20)
+    backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    assert_lowers(gm.grouped_matmul_transposed, S((rows, n), jnp.bfloat16), S((E20,), jnp.int32), blocks, scales,
+                  platform=platform, backend=backend)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_experts_mlp_backward_lowers(platform):
+    tokens, top_k = 64, 4
+    args = (
+        S((tokens, H20), jnp.bfloat16), S((tokens, top_k), jnp.bfloat16), S((tokens * top_k,), jnp.int32),
+        S((E20,), jnp.int32), *_weights(2 * H20, H20), *_weights(H20, H20),
+    )
+    backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
+
+    def loss(x, w, *rest):
+        out = pallas_moe.experts_mlp(x, w, *rest, alpha=ALPHA, limit=LIMIT, backend=backend)
+        return jnp.sum(out.astype(jnp.float32))
+
+    assert_lowers(jax.grad(loss, argnums=(0, 1)), *args, platform=platform)
