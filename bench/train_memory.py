@@ -28,6 +28,7 @@ from gptoss_jax.loss import cross_entropy
 SCENARIOS = [  # (preset, training, mesh (data, expert, model), tokens per step, what it stands for)
     ("gpt-oss-20b", "lora", (1, 1, 1), 4096, "LoRA on 1 x 80 GB"),
     ("gpt-oss-120b", "lora", (1, 1, 1), 4096, "LoRA on 1 x 80 GB"),
+    ("gpt-oss-120b", "lora", (1, 1, 1), 1024, "LoRA on 1 x 80 GB"),
     ("gpt-oss-120b", "lora", (1, 8, 1), 4096, "LoRA on 8 x 80 GB, expert=8"),
     ("gpt-oss-20b", "full", (1, 8, 1), 4096, "full fine-tuning on 8 x 80 GB"),
 ]

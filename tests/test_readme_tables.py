@@ -1,4 +1,5 @@
-"""README.md's "Does it fit?" table is what `bench/memory.py --markdown` prints, not figures typed in.
+"""README.md's "Does it fit?" tables are what `bench/memory.py --markdown` and `bench/train_memory.py
+--markdown` print, not figures typed in.
 
 The whole script compiles six decode steps of the full presets on 8 forced CPU devices (about
 3.5 minutes on 2 busy cores), so the default suite measures one row in-process (one compile, about
@@ -17,16 +18,17 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import their siblings as top-level modules
 
 import memory  # noqa: E402
+import train_memory  # noqa: E402
 
 from gptoss_jax import kernels  # noqa: E402
 
 README = ROOT / "README.md"
 
 
-def _fit_table() -> list[str]:
-    """The README's table: its header line and every table line under it."""
+def _fit_table(header: str = memory.MARKDOWN_HEADER) -> list[str]:
+    """The README's table under `header`: its header line and every table line under it."""
     lines = README.read_text().splitlines()
-    start = lines.index(memory.MARKDOWN_HEADER.splitlines()[0])
+    start = lines.index(header.splitlines()[0])
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start:end]
 
@@ -49,3 +51,20 @@ def test_fit_table_is_what_memory_py_prints():
     finished = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "\n".join(_fit_table()) == finished.stdout.strip()
+
+
+@pytest.mark.slow  # five compiles of full-depth training steps: ~15 minutes on 2 cores
+def test_training_table_is_what_train_memory_py_prints():
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
+    command = [sys.executable, str(ROOT / "bench" / "train_memory.py"), "--markdown"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "\n".join(_fit_table(train_memory.MARKDOWN_HEADER)) == finished.stdout.strip()
+
+
+def test_training_table_has_a_row_per_scenario():
+    table = _fit_table(train_memory.MARKDOWN_HEADER)
+    assert table[:2] == train_memory.MARKDOWN_HEADER.splitlines()
+    assert [row.split(" | ")[:5] for row in table[2:]] == [
+        ["| " + preset, training, str(sizes), meaning, str(tokens)] for preset, training, sizes, tokens, meaning in train_memory.SCENARIOS
+    ]
