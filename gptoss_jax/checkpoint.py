@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+import tqdm
 import xxhash
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding
@@ -104,7 +105,8 @@ class PartialWriter:
 
     def _flush(self) -> None:
         if self._pending:
-            ocp.partial.save(self.directory / PARAMS, _nest(self._pending))
+            with _write_context():
+                ocp.partial.save(self.directory / PARAMS, _nest(self._pending))
         self._pending, self._pending_bytes = [], 0
 
     def finish(self, config: GptOssConfig, provenance: dict[str, Any]) -> None:
@@ -143,6 +145,14 @@ def _placements(mesh: Mesh | None, variable: nnx.Variable, *, stacked: bool) -> 
         return whole, whole
     logical = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
     return whole, NamedSharding(mesh, sharding.spec(tuple(logical[1:])))
+
+
+def _write_context() -> ocp.Context:
+    """Orbax options for writing: arrays stored uncompressed. MXFP4 bytes do not compress and bf16
+    weights barely do, while zstd halves the read speed (checkpoints written compressed still load)."""
+    context = ocp.Context()
+    context.array.saving.use_compression = False
+    return context
 
 
 def _local_context() -> ocp.Context:
@@ -226,11 +236,13 @@ def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target
 def load(
     source: str | Path | GptOssConfig, *, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None,
     moe_impl: str = "auto", attention_impl: str = "xla", lora: LoraSpec | None = None, remat: str = "none", seed: int = 0,
+    progress: bool | None = None,
 ) -> GptOss:
     """The model builder: a converted checkpoint (a directory) or random weights (a `GptOssConfig`,
     drawn from `seed`), in `dtype` (bfloat16; "float32" for parity), on `mesh`, with every switch of
     `GptOss` (`moe_impl`, `attention_impl`; `lora` adapters over the loaded base, new ones with B = 0;
-    `remat` for training).
+    `remat` for training). Reading a checkpoint shows a bar of the bytes read (`progress=None`: only on
+    a terminal).
 
     Without a `mesh` the model lands on this process's first device; with one, every parameter is
     built directly on it (see `sharding.RULES`). Each stacked parameter is filled in place one layer
@@ -267,21 +279,29 @@ def load(
         stored = ocp.metadata(path / PARAMS).metadata
     digests = metadata.get("digests", {})
     flat = nnx.to_flat_state(state)
-    for param_path, variable in flat:
-        param_path, target = tuple(str(p) for p in param_path), variable.get_value()
-        whole, per_layer = _placements(mesh, variable, stacked=param_path[0] in STACKS)
-        if isinstance(variable, nnx.LoRAParam):
-            value = _new_adapter(param_path, variable, whole, seed)
-        elif param_path[0] not in STACKS:
-            value = _load_layer(path, stored, _keys(param_path, None), target, whole, digests)
-        else:
-            value = jnp.zeros(target.shape, target.dtype, device=whole)
-            layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype)
-            for layer in range(target.shape[0]):
-                layer_value = _load_layer(path, stored, _keys(param_path, layer), layer_target, per_layer, digests)
-                value = _set_layer(value, layer_value, layer)
-        variable.set_value(value)
+    total = sum(_nbytes(v.get_value()) for _, v in flat if not isinstance(v, nnx.LoRAParam))
+    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=None if progress is None else not progress) as bar:
+        for param_path, variable in flat:
+            param_path, target = tuple(str(p) for p in param_path), variable.get_value()
+            whole, per_layer = _placements(mesh, variable, stacked=param_path[0] in STACKS)
+            if isinstance(variable, nnx.LoRAParam):
+                value = _new_adapter(param_path, variable, whole, seed)
+            elif param_path[0] not in STACKS:
+                value = _load_layer(path, stored, _keys(param_path, None), target, whole, digests)
+                bar.update(_nbytes(target))
+            else:
+                value = jnp.zeros(target.shape, target.dtype, device=whole)
+                layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype)
+                for layer in range(target.shape[0]):
+                    layer_value = _load_layer(path, stored, _keys(param_path, layer), layer_target, per_layer, digests)
+                    value = _set_layer(value, layer_value, layer)
+                    bar.update(_nbytes(layer_target))
+            variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _nbytes(array: jax.ShapeDtypeStruct) -> int:
+    return array.size * array.dtype.itemsize
 
 
 def model_dtype(dtype: str | jnp.dtype | None) -> jnp.dtype:

@@ -112,9 +112,9 @@ def _plus(y: jax.Array, lora: LowRank | None, delta) -> jax.Array:
     return y if lora is None else y + delta(lora).astype(y.dtype)
 
 
-def clamped_swiglu(u_F: jax.Array, alpha: float, limit: float) -> jax.Array:
-    """gpt-oss's SwiGLU on interleaved columns: even = gate (clamped above), odd = linear (clamped, +1)."""
-    gate, linear = u_F[..., 0::2], u_F[..., 1::2]
+def clamped_swiglu(u_F: jax.Array, alpha: float, limit: float, axis: int = -1) -> jax.Array:
+    """gpt-oss's SwiGLU on interleaved features along `axis`: even = gate (clamped above), odd = linear (clamped, +1)."""
+    gate, linear = (jax.lax.slice_in_dim(u_F, start, None, 2, axis) for start in (0, 1))
     gate = jnp.minimum(gate, limit)
     linear = jnp.clip(linear, -limit, limit)
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
@@ -289,7 +289,7 @@ def _expert_rows(experts: Experts, w1_FH, w2_HI, b1_F, b2_H, lora1, lora2, rows_
     fast bf16 GEMM wants its right operand [contracted, kept] in memory (any other layout is upcast to
     float32 and runs 2-5x slower), so the tile is [H, rows] and the weights multiply from the left."""
     u_FR = _plus(w1_FH @ rows_HR + b1_F[:, None], lora1, lambda lora: lora.columns(rows_HR))
-    act_IR = clamped_swiglu(u_FR.T, experts.alpha, experts.limit).T
+    act_IR = clamped_swiglu(u_FR, experts.alpha, experts.limit, axis=0)  # on rows: a transposed act makes XLA:CPU upcast w2
     return _plus(w2_HI @ act_IR + b2_H[:, None], lora2, lambda lora: lora.columns(act_IR))
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import tqdm
 import safetensors.torch
 import torch
 import transformers
@@ -86,6 +87,14 @@ def test_reads_keep_every_stored_bit(tmp_path):
     for name, want in tensors.items():
         got = np.concatenate([stored[name].read(0, 100), stored[name].read(100, 200), stored[name].read(200)])
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+
+
+def test_load_shows_the_bytes_it_reads(converted, capsys):
+    model = gptoss_jax.load(converted["hf"], progress=True)
+    stored = sum(a.nbytes for a in _leaves(model))
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    size = tqdm.tqdm.format_sizeof(stored)  # as the bar writes it, e.g. 703k
+    assert last.startswith("loading: 100%") and f" {size}/{size} " in last, last
 
 
 @pytest.mark.slow
