@@ -127,8 +127,13 @@ def _block(config: GptOssConfig, layout: str, n: int, expert_format: str) -> Ite
 def export(params: Mapping[ParamPath, np.ndarray], tensors: list[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
     """Checkpoint tensors assembled from our parameters (flat `{path: stacked array}`), one at a time."""
     for tensor in tensors:
-        parts = [_layer(params[t.path], t).reshape(t.stop - t.start, *tensor.shape[1:]) for t in tensor.targets]
-        yield tensor.name, np.concatenate(parts) if len(parts) > 1 else parts[0]
+        yield tensor.name, assemble(params, tensor)
+
+
+def assemble(params: Mapping[ParamPath, np.ndarray], tensor: Tensor) -> np.ndarray:
+    """One checkpoint tensor from our parameters: its targets' rows, reshaped back and concatenated."""
+    parts = [_layer(params[t.path], t).reshape(t.stop - t.start, *tensor.shape[1:]) for t in tensor.targets]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _layer(array: np.ndarray, target: Target) -> np.ndarray:

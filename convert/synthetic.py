@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tqdm
 
-from convert import layouts, safetensors_io
-from convert.sources import INDEX
+from convert import layouts, published
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
 
-SHARD_BYTES = 4_800_000_000  # the HF converter's shard cap
 _CHUNK_ELEMENTS = 32 * 2**20
 
 
@@ -73,55 +69,8 @@ def write_checkpoint(
     progress: bool | None = None,
 ) -> int:
     """Writes config.json and the safetensors files of `layout` into `dst`; returns tensor bytes written."""
-    tensors = layouts.checkpoint_tensors(config, layout, "bf16" if dense_experts else "mxfp4")
-    dst.mkdir(parents=True, exist_ok=True)
-    hf_config = config.to_hf_dict()
-    if layout == "hf" and not dense_experts:
-        hf_config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (dst / "config.json").write_text(json.dumps(hf_config if layout == "hf" else config.to_original_dict(), indent=2))
-    shards = _shards(tensors)
-    names = _shard_names(layout, len(shards))
-    total = sum(int(np.prod(t.shape)) * safetensors_io.DTYPES[t.dtype].itemsize for t in tensors)
-    written = 0
-    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None if progress is None else not progress) as bar:
-        def chunks(planned):
-            for chunk in _values(by_name[planned.name], seed):
-                bar.update(chunk.size * safetensors_io.DTYPES[planned.dtype].itemsize)
-                yield chunk
-
-        by_name = {t.name: t for t in tensors}
-        for name, shard in zip(names, shards):
-            plan = [safetensors_io.PlannedTensor(t.name, t.dtype, t.shape) for t in shard]
-            written += safetensors_io.write(dst / name, plan, chunks)
-    if layout == "hf":
-        weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
-        (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map}, indent=2))
-    else:
-        dtypes = {t.name: {"blocks": "FP4", "scales": "UE8"}.get(t.name.rsplit(".", 1)[-1], "BF16") for t in tensors}
-        (dst / "dtypes.json").write_text(json.dumps(dtypes, indent=2))
-    return written
-
-
-def _shards(tensors: list[layouts.Tensor]) -> list[list[layouts.Tensor]]:
-    shards, size = [[]], 0
-    for tensor in tensors:
-        nbytes = int(np.prod(tensor.shape)) * safetensors_io.DTYPES[tensor.dtype].itemsize
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += nbytes
-    return shards
-
-
-def _shard_names(layout: str, count: int) -> list[str]:
-    """The published names: HF numbers from 0 and writes the last index; original uses a double dash."""
-    if layout == "hf":
-        return [f"model-{i:05d}-of-{count - 1:05d}.safetensors" for i in range(count)]
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model--{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    return published.write(dst, config, lambda tensor: _values(tensor, seed), layout=layout,
+                           dense_experts=dense_experts, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,18 +164,24 @@ def _local_context() -> ocp.Context:
     return context
 
 
-def _read_chunks(directory: Path, keys: list[str], chunks: dict[str, Any], digests: dict[str, str]) -> dict[str, np.ndarray]:
-    """The stored row chunks named in `chunks` (name -> metadata) of one layer of one parameter, on the host,
-    each checked against its digest from conversion (checkpoints saved before digests existed have none)."""
+def _read_chunks(
+    directory: Path, wanted: dict[tuple[str, ...], dict[str, Any]], digests: dict[str, str]
+) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
+    """The stored row chunks named in `wanted` ({parameter keys: {chunk: metadata}}), on the host, in one
+    Orbax read, each checked against its digest from conversion (checkpoints saved before digests existed
+    have none)."""
+    request = _nest([([*keys, chunk], meta) for keys, chunks in wanted.items() for chunk, meta in chunks.items()])
     with _local_context(), _unreadable(directory):
-        rows = _get(ocp.load(directory / PARAMS, _nest([(keys + [c], m) for c, m in chunks.items()])), keys)
-    for chunk, value in rows.items():
-        want = digests.get("/".join([*keys, chunk]))
-        if want is not None and digest(value) != want:
-            raise ValueError(
-                f"{directory}: parameter {'/'.join(keys)} (rows chunk {chunk}) fails its checksum: the stored bytes "
-                "changed after conversion; convert the checkpoint again"
-            )
+        loaded = ocp.load(directory / PARAMS, request)
+    rows = {keys: _get(loaded, list(keys)) if chunks else {} for keys, chunks in wanted.items()}
+    for keys, chunks in rows.items():
+        for chunk, value in chunks.items():
+            want = digests.get("/".join([*keys, chunk]))
+            if want is not None and digest(value) != want:
+                raise ValueError(
+                    f"{directory}: parameter {'/'.join(keys)} (rows chunk {chunk}) fails its checksum: the stored "
+                    "bytes changed after conversion; convert the checkpoint again"
+                )
     return rows
 
 
@@ -203,13 +209,18 @@ def _unreadable(directory: Path) -> Iterator[None]:
         raise ValueError(f"{directory / PARAMS}: cannot read the stored arrays (missing or damaged files): {reason}") from None
 
 
-def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target, placement: Sharding,
-                digests: dict[str, str]) -> jax.Array:
-    """One layer of one parameter (or an unstacked parameter) as a global array on `placement`.
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """A parameter, or one layer of a stacked one: its stored row chunks and the rows this process holds."""
 
-    This process reads only the stored chunks that overlap the rows of its own devices' shards, and
-    each of its devices takes its slice of them (in the target dtype) from the host.
-    """
+    keys: tuple[str, ...]
+    target: jax.ShapeDtypeStruct
+    placement: Sharding
+    spans: dict[str, tuple[int, int]]  # chunk -> its rows [start, stop)
+    wanted: dict[str, Any]  # chunk -> metadata, for the chunks overlapping this process's shards
+
+
+def _piece(directory: Path, stored: dict[str, Any], keys: list[str], target, placement: Sharding) -> _Piece:
     name = "/".join(keys)
     try:
         chunks = _get(stored, keys)
@@ -221,16 +232,27 @@ def _load_layer(directory: Path, stored: dict[str, Any], keys: list[str], target
         raise ValueError(f"{directory}: parameter {name} has shape {shape}, the config implies {target.shape}")
     spans = {str(c): (start, stop) for c, (start, stop) in enumerate(zip([0, *bounds], bounds))}
     mine = [index[0].indices(shape[0])[:2] for index in placement.addressable_devices_indices_map(shape).values()]
-    wanted = [c for c, (start, stop) in spans.items() if any(lo < stop and start < hi for lo, hi in mine)]
-    rows = _read_chunks(directory, keys, {c: chunks[c] for c in wanted}, digests)
+    wanted = {c: chunks[c] for c, (start, stop) in spans.items() if any(lo < stop and start < hi for lo, hi in mine)}
+    return _Piece(tuple(keys), jax.ShapeDtypeStruct(target.shape, target.dtype), placement, spans, wanted)
 
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
-        lo, hi, _ = index[0].indices(shape[0])
-        pieces = [rows[c][max(lo, start) - start : min(hi, stop) - start]
-                  for c, (start, stop) in spans.items() if lo < stop and start < hi]
-        return np.concatenate(pieces)[(slice(None), *index[1:])].astype(target.dtype, copy=False)
 
-    return jax.make_array_from_callback(shape, placement, shard)
+def _load_pieces(directory: Path, pieces: list[_Piece], digests: dict[str, str]) -> list[jax.Array]:
+    """Global arrays on their placements, from one read of the chunks this process needs.
+
+    Each of this process's devices takes its slice of the rows (in the target dtype) from the host.
+    """
+    rows = _read_chunks(directory, {piece.keys: piece.wanted for piece in pieces}, digests)
+
+    def array(piece: _Piece) -> jax.Array:
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            lo, hi, _ = index[0].indices(piece.target.shape[0])
+            parts = [rows[piece.keys][c][max(lo, start) - start : min(hi, stop) - start]
+                     for c, (start, stop) in piece.spans.items() if lo < stop and start < hi]
+            return np.concatenate(parts)[(slice(None), *index[1:])].astype(piece.target.dtype, copy=False)
+
+        return jax.make_array_from_callback(piece.target.shape, piece.placement, shard)
+
+    return [array(piece) for piece in pieces]
 
 
 def load(
@@ -245,16 +267,16 @@ def load(
     a terminal).
 
     Without a `mesh` the model lands on this process's first device; with one, every parameter is
-    built directly on it (see `sharding.RULES`). Each stacked parameter is filled in place one layer
-    at a time, so the peak is the model plus a layer's piece of one parameter.
+    built directly on it (see `sharding.RULES`). The stacks are filled in place a layer at a time, one
+    Orbax read per layer for all of its parameters, so the peak is the model plus one layer.
 
     Multi-host: every process calls `load` with the same arguments. Each reads, from the host, only the
     stored chunks that overlap its own devices' shards and hands them to those devices alone, so no
     process touches another's device or reads rows it will not hold. Its Orbax reads are local
     (`active_processes` is just this process, so Orbax sets no barrier): processes reading different
     chunks cannot wait on each other, and a missing file fails each process on its own. With a mesh over
-    every process (as `sharding.make_mesh` builds) each process makes one read per parameter layer, the
-    same count everywhere, which keeps Orbax's operation ids, and so later multi-process saves, in step.
+    every process (as `sharding.make_mesh` builds) each process makes one read for the unstacked
+    parameters and one per layer of each stack, the same count everywhere, which keeps Orbax's operation ids, and so later multi-process saves, in step.
     The `_set_layer` updates are SPMD computations without communication that all processes run in the
     same order.
     """
@@ -278,25 +300,36 @@ def load(
     with _local_context(), _unreadable(path):
         stored = ocp.metadata(path / PARAMS).metadata
     digests = metadata.get("digests", {})
-    flat = nnx.to_flat_state(state)
-    total = sum(_nbytes(v.get_value()) for _, v in flat if not isinstance(v, nnx.LoRAParam))
+    flat = [(tuple(str(p) for p in param_path), variable) for param_path, variable in nnx.to_flat_state(state)]
+    stored_params = [(param_path, variable) for param_path, variable in flat if not isinstance(variable, nnx.LoRAParam)]
+    total = sum(_nbytes(variable.get_value()) for _, variable in stored_params)
     with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=None if progress is None else not progress) as bar:
-        for param_path, variable in flat:
-            param_path, target = tuple(str(p) for p in param_path), variable.get_value()
-            whole, per_layer = _placements(mesh, variable, stacked=param_path[0] in STACKS)
-            if isinstance(variable, nnx.LoRAParam):
-                value = _new_adapter(param_path, variable, whole, seed)
-            elif param_path[0] not in STACKS:
-                value = _load_layer(path, stored, _keys(param_path, None), target, whole, digests)
-                bar.update(_nbytes(target))
-            else:
-                value = jnp.zeros(target.shape, target.dtype, device=whole)
-                layer_target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype)
-                for layer in range(target.shape[0]):
-                    layer_value = _load_layer(path, stored, _keys(param_path, layer), layer_target, per_layer, digests)
-                    value = _set_layer(value, layer_value, layer)
-                    bar.update(_nbytes(layer_target))
+        def read(members: list[tuple[ParamPath, nnx.Variable]], layer: int | None) -> list[jax.Array]:
+            pieces = []
+            for param_path, variable in members:
+                target = variable.get_value()
+                whole, per_layer = _placements(mesh, variable, stacked=layer is not None)
+                if layer is not None:
+                    target, whole = jax.ShapeDtypeStruct(target.shape[1:], target.dtype), per_layer
+                pieces.append(_piece(path, stored, _keys(param_path, layer), target, whole))
+            arrays = _load_pieces(path, pieces, digests)
+            bar.update(sum(_nbytes(piece.target) for piece in pieces))
+            return arrays
+
+        unstacked = [(p, v) for p, v in stored_params if p[0] not in STACKS]
+        for (_, variable), value in zip(unstacked, read(unstacked, None)):
             variable.set_value(value)
+        for stack in STACKS:  # one read per layer of every parameter of the stack
+            members = [(p, v) for p, v in stored_params if p[0] == stack]
+            values = [jnp.zeros(v.get_value().shape, v.get_value().dtype, device=_placements(mesh, v, stacked=True)[0])
+                      for _, v in members]
+            for layer in range(members[0][1].get_value().shape[0] if members else 0):
+                values = [_set_layer(value, layer_value, layer) for value, layer_value in zip(values, read(members, layer))]
+            for (_, variable), value in zip(members, values):
+                variable.set_value(value)
+    for param_path, variable in flat:
+        if isinstance(variable, nnx.LoRAParam):
+            variable.set_value(_new_adapter(param_path, variable, _placements(mesh, variable, stacked=param_path[0] in STACKS)[0], seed))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -103,9 +103,9 @@ def two_processes(out: Path) -> None:
     local = jax.local_devices()
     reads, read_chunks = {}, checkpoint._read_chunks
 
-    def recorded(directory, keys, chunks, *rest):
-        reads["/".join(keys)] = sorted(chunks, key=int)
-        return read_chunks(directory, keys, chunks, *rest)
+    def recorded(directory, wanted, *rest):
+        reads.update({"/".join(keys): sorted(chunks, key=int) for keys, chunks in wanted.items()})
+        return read_chunks(directory, wanted, *rest)
 
     checkpoint._read_chunks = recorded
     mesh = sharding.make_mesh(1, 8, 1, config=CONFIG)

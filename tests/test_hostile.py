@@ -12,7 +12,7 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,17 +218,30 @@ def test_second_conversion_to_one_destination_names_the_first(src, tmp_path, cap
     assert not dst.exists()
 
 
-def test_sigterm_during_conversion_leaves_nothing(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_checkpoint(src, GptOssConfig.tiny(), layout="original", progress=False)  # seconds to convert
-    process = subprocess.Popen([sys.executable, "-m", "convert", str(src), str(dst)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / ".dst.incomplete").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "conversion ended before it could be stopped"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode != 0 and "interrupted" in err, err
+def test_sigterm_during_conversion_leaves_nothing(tmp_path, capfd):
+    """SIGTERM (what `kill` and schedulers send) once the staging folder exists: the CLI unwinds, says
+    so, and leaves nothing beside the source. In-process, with this test's own SIGTERM handler behind
+    the CLI's, so a signal that lands after the conversion cannot end the test worker."""
+    src, dst, staging = tmp_path / "src", tmp_path / "dst", tmp_path / ".dst.incomplete"
+    write_checkpoint(src, CONFIG, layout="original", progress=False)  # seconds to convert
+    late = []
+
+    def terminate_once_writing() -> None:
+        deadline = time.monotonic() + 120
+        while not staging.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
+    killer = threading.Thread(target=terminate_once_writing)
+    try:
+        killer.start()
+        code = convert_main([str(src), str(dst)])
+        killer.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not late, "the conversion ended before it could be stopped"
+    assert code == 130 and "interrupted; nothing was written" in capfd.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
