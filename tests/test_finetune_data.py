@@ -135,13 +135,30 @@ def test_long_records_are_skipped_and_counted_or_refused(tmp_path):
         data.read_jsonl(path, max_length=min(lengths) - 1)
 
 
-def test_each_epoch_is_a_seeded_permutation():
-    count, batch = 10, 4
-    stream = [i for step in range(5) for i in data.step_indices(step, count, batch, seed=3)]
-    assert sorted(stream[:count]) == list(range(count)) and sorted(stream[count:]) == list(range(count))
-    assert stream[:count] != stream[count:]  # a new order each epoch
-    assert data.step_indices(3, count, batch, seed=3) == stream[12:16]  # a step's rows depend on (seed, step) alone
-    assert data.step_indices(0, count, batch, seed=4) != stream[:4]
+LENGTHS = np.random.default_rng(0).integers(5, 500, 40)
+
+
+def test_each_epoch_is_a_seeded_permutation_sorted_in_windows():
+    count, batch = len(LENGTHS), 4
+    stream = [i for step in range(20) for i in data.step_indices(step, LENGTHS, batch, seed=3, bucket=3)]
+    epochs = [stream[:count], stream[count:]]
+    assert all(sorted(epoch) == list(range(count)) for epoch in epochs) and epochs[0] != epochs[1]
+    for epoch in epochs:  # windows of 3 global batches, each sorted longest first
+        for start in range(0, count, 3 * batch):
+            assert (np.diff(LENGTHS[epoch[start : start + 3 * batch]]) <= 0).all()
+    assert data.step_indices(13, LENGTHS, batch, seed=3, bucket=3) == stream[52:56]  # (seed, step) decide a step's rows
+    assert data.step_indices(0, LENGTHS, batch, seed=4, bucket=3) != stream[:4]
+    plain = [i for step in range(10) for i in data.step_indices(step, LENGTHS, batch, seed=3, bucket=1)]
+    assert [sorted(plain[s : s + batch]) for s in range(0, count, batch)] != [sorted(epochs[0][s : s + batch]) for s in range(0, count, batch)]
+
+
+def test_length_buckets_cut_the_padding():
+    """Padding of a batch = its rows x its longest row - its tokens, summed over an epoch of batches of 4."""
+    def padding(bucket: int) -> int:
+        batches = [LENGTHS[data.step_indices(step, LENGTHS, 4, seed=0, bucket=bucket)] for step in range(10)]
+        return sum(int(rows.max()) * len(rows) - int(rows.sum()) for rows in batches)
+
+    assert padding(8) < 0.5 * padding(1), (padding(8), padding(1))
 
 
 def test_padding():

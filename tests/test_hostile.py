@@ -26,7 +26,6 @@ from convert.__main__ import main as convert_main
 from convert.safetensors_io import read_header
 from convert.synthetic import write_checkpoint
 from gptoss_jax import checkpoint, sample
-from gptoss_jax.config import GptOssConfig
 
 CONFIG = CONFIGS["odd"]
 SHARD = "model-00000-of-00000.safetensors"  # the HF name of a single shard

@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", choices=["auto", "never"], default="never",
                    help="auto: continue the run in --out from its latest checkpoint (settings must match)")
     p.add_argument("--seed", type=int, default=0, help="the data order")
+    p.add_argument("--bucket", type=int, default=8,
+                   help="global batches per window of the shuffled data sorted by length, so a batch's chats have "
+                   "similar lengths and little padding (1: plain shuffle)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype (masters are float32)")
     p.add_argument("--remat", choices=REMAT_POLICIES, default="layer", help="activation rematerialization")
     p.add_argument("--moe-impl", choices=moe.IMPLS, default="auto")
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(
             method=args.method, steps=steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
             max_length=args.max_length, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-            weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+            weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, bucket=args.bucket,
         )
         lora = _lora(args)
         config.rows_per_micro_batch(1 if mesh is None else sharding.batch_shards(mesh))  # fail before loading

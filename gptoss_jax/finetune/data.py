@@ -7,9 +7,10 @@ a harmony function call, and its `thinking` goes on the analysis channel in the 
 last user message) and is dropped before it, as harmony drops earlier reasoning at inference; a `tool`
 message is that function's result.
 
-The order of examples is a seeded permutation per epoch, and step `s` takes stream positions
-`[s * global_batch, (s + 1) * global_batch)`: a step's rows depend on (seed, step) alone, so a resumed
-run sees exactly the rows an uninterrupted one would.
+The order of examples is a seeded permutation per epoch whose windows of `bucket` global batches are
+each sorted by length (length buckets: the rows of a batch have similar lengths, so little padding),
+and step `s` takes stream positions `[s * global_batch, (s + 1) * global_batch)`: a step's rows depend
+on (seed, step) and the data alone, so a resumed run sees exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -150,14 +151,20 @@ def read_jsonl(path: str | Path, *, max_length: int, strict: bool = False) -> tu
     return examples, skipped
 
 
-def step_indices(step: int, count: int, global_batch: int, seed: int) -> list[int]:
-    """Which examples (of `count`) step `step` trains on: its slice of the seeded per-epoch stream."""
+def step_indices(step: int, lengths: Sequence[int], global_batch: int, seed: int, bucket: int = 8) -> list[int]:
+    """Which examples (of `len(lengths)`, with these token counts) step `step` trains on: its slice of the
+    seeded per-epoch stream, sorted by length within windows of `bucket` global batches (1: no sorting)."""
+    count = len(lengths)
     positions = range(step * global_batch, (step + 1) * global_batch)
-    return [int(_epoch_order(p // count, count, seed)[p % count]) for p in positions]
+    orders = {epoch: _epoch_order(epoch, np.asarray(lengths), seed, bucket * global_batch) for epoch in {p // count for p in positions}}
+    return [int(orders[p // count][p % count]) for p in positions]
 
 
-def _epoch_order(epoch: int, count: int, seed: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(count)
+def _epoch_order(epoch: int, lengths: np.ndarray, seed: int, window: int) -> np.ndarray:
+    """A seeded permutation, each window of it sorted longest first (a first batch that does not fit shows at once)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    windows = [order[start : start + window] for start in range(0, len(order), window)]
+    return np.concatenate([w[np.argsort(-lengths[w], kind="stable")] for w in windows])
 
 
 def padded_length(examples: Sequence[Example], max_length: int) -> int:

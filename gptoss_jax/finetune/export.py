@@ -1,5 +1,8 @@
-"""`python -m gptoss_jax.finetune.export RUN --out DST`: a fine-tuning run's latest weights as a checkpoint
-that `gptoss_jax.load` and `python -m gptoss_jax.sample --checkpoint DST` read.
+"""`python -m gptoss_jax.finetune.export RUN --out DST`: a fine-tuning run's latest weights as a checkpoint.
+
+`--format orbax` (default) writes what `gptoss_jax.load` and `python -m gptoss_jax.sample --checkpoint DST`
+read; `--format hf` writes Hugging Face's published layout (safetensors, bf16, MXFP4 experts), which
+transformers, vLLM and llama.cpp's `convert_hf_to_gguf.py` read; `--format original` OpenAI's `original/`.
 
 LoRA adapters are merged into the base: attention weights exactly, experts re-quantized to MXFP4 (the
 published format, and what inference kernels run) or kept dense (`--experts bf16`: exact, 4x the
@@ -13,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from convert import published
 from gptoss_jax import checkpoint
 from gptoss_jax.finetune.run import Run
 from gptoss_jax.finetune.trainer import TrainConfig, Trainer
@@ -38,11 +42,21 @@ def trained_model(run_directory: str | Path) -> tuple[GptOss, int]:
     return trainer.model(), step
 
 
-def export(run_directory: str | Path, out: str | Path, *, experts: str = "mxfp4") -> int:
-    """Writes the run's merged model to `out` (which must not exist); returns the step exported."""
+LAYOUTS = ("orbax", "hf", "original")
+
+
+def export(run_directory: str | Path, out: str | Path, *, experts: str = "mxfp4", layout: str = "orbax") -> int:
+    """Writes the run's merged model to `out` (which must not exist) in `layout`; returns the step exported."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown export format {layout!r}; choose one of {LAYOUTS}")
+    if experts == "bf16" and layout == "original":
+        raise ValueError("dense bf16 experts exist only in the hf layout; export with --experts mxfp4")
     model, step = trained_model(run_directory)
     merge_lora(model, experts=experts)  # a no-op without adapters
-    checkpoint.save(model, out, {"source": "gptoss_jax.finetune", "run": str(Path(run_directory).absolute()), "step": step})
+    if layout == "orbax":
+        checkpoint.save(model, out, {"source": "gptoss_jax.finetune", "run": str(Path(run_directory).absolute()), "step": step})
+    else:
+        published.save(model, out, layout=layout)
     return step
 
 
@@ -50,17 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptoss_jax.finetune.export", description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="the run directory (--out of python -m gptoss_jax.finetune)")
     p.add_argument("--out", required=True, type=Path, help="the checkpoint directory to write (must not exist)")
+    p.add_argument("--format", choices=LAYOUTS, default="orbax",
+                   help="orbax: for gptoss_jax (default); hf: Hugging Face safetensors; original: OpenAI's original/ layout")
     p.add_argument("--experts", choices=["mxfp4", "bf16"], default="mxfp4", help="merged experts re-quantized (default) or dense")
     args = p.parse_args(argv)
     if args.out.exists():
         print(f"error: {args.out} exists; choose a new --out", file=sys.stderr)
         return 2
     try:
-        step = export(args.run, args.out, experts=args.experts)
+        step = export(args.run, args.out, experts=args.experts, layout=args.format)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"exported step {step} of {args.run} to {args.out}", file=sys.stderr)
+    print(f"exported step {step} of {args.run} to {args.out} ({args.format})", file=sys.stderr)
     return 0
 
 

@@ -46,12 +46,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0  # global gradient-norm clip (0: none)
     seed: int = 0  # the data order
+    bucket: int = 8  # global batches per length-sorted window of the data order (1: plain shuffle)
     loss_chunk: int = 256  # tokens unembedded at a time by the loss
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        for name in ("steps", "global_batch", "micro_batch", "max_length", "loss_chunk"):
+        for name in ("steps", "global_batch", "micro_batch", "max_length", "loss_chunk", "bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -180,8 +181,10 @@ class Trainer:
     def fit(self, examples: Sequence[data.Example]) -> Iterator[dict[str, float]]:
         """Runs steps `self.step` .. `config.steps - 1`, yielding each step's metrics (with `step`, counted
         from 1, and `tokens`: the global batch's tokens without padding)."""
+        lengths = [len(example.tokens) for example in examples]
         while self.step < self.config.steps:
-            picked = [examples[i] for i in data.step_indices(self.step, len(examples), self.config.global_batch, self.config.seed)]
+            indices = data.step_indices(self.step, lengths, self.config.global_batch, self.config.seed, self.config.bucket)
+            picked = [examples[i] for i in indices]
             metrics = self.train_step(*self.batch(picked))
             yield {"step": self.step, **metrics, "tokens": data.token_count(picked)}
 
