@@ -54,9 +54,9 @@ def theirs(config: GptOssConfig, tokens: np.ndarray, steps: int) -> list[float]:
     import torch
     import transformers
 
-    hf_config = transformers.GptOssConfig(**config.to_hf_dict(), attn_implementation="eager")
+    hf_config = transformers.GptOssConfig(**config.to_hf_dict(), attn_implementation="eager", use_cache=False)
     model = transformers.GptOssForCausalLM(hf_config).float().train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.from_numpy(tokens.astype(np.int64))
 

@@ -130,8 +130,15 @@ def save(model: GptOss, directory: str | Path, provenance: dict[str, Any] | None
 
 
 @jax.jit(donate_argnums=0)
-def _set_layer(stacked: jax.Array, layer_value: jax.Array, layer: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer_value.astype(stacked.dtype), layer, 0)
+def _set_layer(stacked: list[jax.Array], layer_values: list[jax.Array], layer: jax.Array) -> list[jax.Array]:
+    """Layer `layer` of every stacked parameter of a stack, in place: one computation for them all."""
+    return [jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), layer, 0) for s, v in zip(stacked, layer_values)]
+
+
+def _zeros(variables: list[nnx.Variable], placements: list[Sharding]) -> list[jax.Array]:
+    """Zero-filled arrays shaped like `variables`, made by one computation (not one compile per shape)."""
+    targets = [variable.get_value() for variable in variables]
+    return jax.jit(lambda: [jnp.zeros(t.shape, t.dtype) for t in targets], out_shardings=placements)()
 
 
 def _placements(mesh: Mesh | None, variable: nnx.Variable, *, stacked: bool) -> tuple[Sharding, Sharding]:
@@ -248,7 +255,8 @@ def _load_pieces(directory: Path, pieces: list[_Piece], digests: dict[str, str])
             lo, hi, _ = index[0].indices(piece.target.shape[0])
             parts = [rows[piece.keys][c][max(lo, start) - start : min(hi, stop) - start]
                      for c, (start, stop) in piece.spans.items() if lo < stop and start < hi]
-            return np.concatenate(parts)[(slice(None), *index[1:])].astype(piece.target.dtype, copy=False)
+            rows_of_shard = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one chunk: no copy
+            return rows_of_shard[(slice(None), *index[1:])].astype(piece.target.dtype, copy=False)
 
         return jax.make_array_from_callback(piece.target.shape, piece.placement, shard)
 
@@ -276,9 +284,9 @@ def load(
     (`active_processes` is just this process, so Orbax sets no barrier): processes reading different
     chunks cannot wait on each other, and a missing file fails each process on its own. With a mesh over
     every process (as `sharding.make_mesh` builds) each process makes one read for the unstacked
-    parameters and one per layer of each stack, the same count everywhere, which keeps Orbax's operation ids, and so later multi-process saves, in step.
-    The `_set_layer` updates are SPMD computations without communication that all processes run in the
-    same order.
+    parameters and one per layer of each stack, the same count everywhere, which keeps Orbax's operation
+    ids, and so later multi-process saves, in step. `_zeros` and the `_set_layer` updates are SPMD
+    computations without communication that all processes run in the same order.
     """
     switches = dict(moe_impl=moe_impl, attention_impl=attention_impl, lora=lora, remat=remat)
     dtype = model_dtype(dtype)
@@ -321,10 +329,11 @@ def load(
             variable.set_value(value)
         for stack in STACKS:  # one read per layer of every parameter of the stack
             members = [(p, v) for p, v in stored_params if p[0] == stack]
-            values = [jnp.zeros(v.get_value().shape, v.get_value().dtype, device=_placements(mesh, v, stacked=True)[0])
-                      for _, v in members]
-            for layer in range(members[0][1].get_value().shape[0] if members else 0):
-                values = [_set_layer(value, layer_value, layer) for value, layer_value in zip(values, read(members, layer))]
+            if not members:
+                continue
+            values = _zeros([v for _, v in members], [_placements(mesh, v, stacked=True)[0] for _, v in members])
+            for layer in range(members[0][1].get_value().shape[0]):
+                values = _set_layer(values, read(members, layer), layer)
             for (_, variable), value in zip(members, values):
                 variable.set_value(value)
     for param_path, variable in flat:
