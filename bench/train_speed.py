@@ -30,6 +30,15 @@ from gptoss_jax.finetune import data
 from gptoss_jax.finetune.trainer import TrainConfig, Trainer
 
 
+def cpu_name() -> str:
+    """The CPU's model name (figures from different machines compare only as same-run ratios)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _timed(steps: Iterator) -> list[float]:
     """Seconds of each step of an iterator that returns once its step has finished."""
     times, start = [], time.perf_counter()
@@ -94,12 +103,12 @@ def main() -> None:
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.length))
-    result = {"cpu": platform.processor() or platform.machine(), "preset": args.preset, "layers": config.num_hidden_layers,
+    result = {"cpu": cpu_name(), "preset": args.preset, "layers": config.num_hidden_layers,
               "method": args.method, "batch": args.batch, "length": args.length,
               "ours": summary(ours(config, args.method, tokens, args.steps), tokens.size)}
     if args.compare:
         result["transformers"] = summary(theirs(config, tokens, args.steps), tokens.size)
-    print(f"{args.preset} ({config.num_hidden_layers} layers), {args.method}, {args.batch} x {args.length} tokens per step")
+    print(f"{args.preset} ({config.num_hidden_layers} layers), {args.method}, {args.batch} x {args.length} tokens per step, on {result['cpu']}")
     print(f"{'engine':<14}{'first step s':>13}{'step s':>9}{'tok/s':>9}")
     for engine in ("ours", "transformers"):
         if engine in result:
