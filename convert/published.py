@@ -72,16 +72,10 @@ def save(model, dst: str | Path, *, layout: str = "hf", progress: bool | None = 
     become the Hugging Face `[E, in, out]` tensors. The folder appears only once complete.
     """
     dst = Path(dst)
-    params = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.state(model))}
-    adapters = sorted(".".join(path) for path in params if any(part.endswith("_lora") for part in path))
-    if adapters:
-        raise ValueError(f"the model still has LoRA adapters ({adapters[0]}, ...): merge them first (lora.merge_lora)")
-    if dst.exists():
-        raise ValueError(f"{dst} exists; choose a new destination")
+    arrays = model_arrays(model, dst)
     dense = model.expert_format == "bf16"
     if dense and layout != "hf":
         raise ValueError("dense bf16 experts exist only in the hf layout")
-    arrays = {path: np.asarray(variable.get_value()) for path, variable in params.items()}
     staging = dst.parent / f".{dst.name}.incomplete"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -91,6 +85,17 @@ def save(model, dst: str | Path, *, layout: str = "hf", progress: bool | None = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def model_arrays(model, dst: Path) -> dict[layouts.ParamPath, np.ndarray]:
+    """`{path: array}` of a model about to be exported to `dst`; refuses unmerged adapters and an existing `dst`."""
+    params = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.state(model))}
+    adapters = sorted(".".join(path) for path in params if any(part.endswith("_lora") for part in path))
+    if adapters:
+        raise ValueError(f"the model still has LoRA adapters ({adapters[0]}, ...): merge them first (lora.merge_lora)")
+    if dst.exists():
+        raise ValueError(f"{dst} exists; choose a new destination")
+    return {path: np.asarray(variable.get_value()) for path, variable in params.items()}
 
 
 def _shards(tensors: list[layouts.Tensor]) -> list[list[layouts.Tensor]]:

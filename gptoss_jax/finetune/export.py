@@ -2,7 +2,9 @@
 
 `--format orbax` (default) writes what `gptoss_jax.load` and `python -m gptoss_jax.sample --checkpoint DST`
 read; `--format hf` writes Hugging Face's published layout (safetensors, bf16, MXFP4 experts), which
-transformers, vLLM and llama.cpp's `convert_hf_to_gguf.py` read; `--format original` OpenAI's `original/`.
+transformers, vLLM and llama.cpp's `convert_hf_to_gguf.py` read; `--format original` OpenAI's `original/`;
+`--format gguf` the .gguf file (DST) that llama.cpp's converter would write from the hf export, tokenizer
+included, for llama.cpp.
 
 LoRA adapters are merged into the base: attention weights exactly, experts re-quantized to MXFP4 (the
 published format, and what inference kernels run) or kept dense (`--experts bf16`: exact, 4x the
@@ -16,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from convert import published
+from convert import gguf, published
 from gptoss_jax import checkpoint
 from gptoss_jax.finetune.run import Run
 from gptoss_jax.finetune.trainer import TrainConfig, Trainer
@@ -42,7 +44,7 @@ def trained_model(run_directory: str | Path) -> tuple[GptOss, int]:
     return trainer.model(), step
 
 
-LAYOUTS = ("orbax", "hf", "original")
+LAYOUTS = ("orbax", "hf", "original", "gguf")
 
 
 def export(run_directory: str | Path, out: str | Path, *, experts: str = "mxfp4", layout: str = "orbax") -> int:
@@ -55,6 +57,8 @@ def export(run_directory: str | Path, out: str | Path, *, experts: str = "mxfp4"
     merge_lora(model, experts=experts)  # a no-op without adapters
     if layout == "orbax":
         checkpoint.save(model, out, {"source": "gptoss_jax.finetune", "run": str(Path(run_directory).absolute()), "step": step})
+    elif layout == "gguf":
+        gguf.save(model, out)
     else:
         published.save(model, out, layout=layout)
     return step
@@ -63,9 +67,11 @@ def export(run_directory: str | Path, out: str | Path, *, experts: str = "mxfp4"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptoss_jax.finetune.export", description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="the run directory (--out of python -m gptoss_jax.finetune)")
-    p.add_argument("--out", required=True, type=Path, help="the checkpoint directory to write (must not exist)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="the checkpoint directory to write, or the .gguf file with --format gguf (must not exist)")
     p.add_argument("--format", choices=LAYOUTS, default="orbax",
-                   help="orbax: for gptoss_jax (default); hf: Hugging Face safetensors; original: OpenAI's original/ layout")
+                   help="orbax: for gptoss_jax (default); hf: Hugging Face safetensors; original: OpenAI's original/ "
+                   "layout; gguf: one .gguf file for llama.cpp")
     p.add_argument("--experts", choices=["mxfp4", "bf16"], default="mxfp4", help="merged experts re-quantized (default) or dense")
     args = p.parse_args(argv)
     if args.out.exists():
