@@ -68,3 +68,22 @@ def test_export_refuses_unmerged_adapters_and_existing_folders(tmp_path):
     with pytest.raises(ValueError, match="exists; choose a new destination"):
         published.save(merged, tmp_path / "taken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_rounding_report_shows_what_mxfp4_keeps_of_the_update():
+    """Eval losses of the base and of both merges: dense experts keep the adapted model's loss exactly
+    (float32 folding, measured ~1e-7), re-quantized ones land near it (one rounding per weight)."""
+    from conftest import build
+    from test_training import CONFIG
+
+    from gptoss_jax.finetune import data
+    from gptoss_jax.finetune.export import mean_loss, rounding_report
+
+    rng = np.random.default_rng(0)
+    examples = [data.Example(rng.integers(0, CONFIG.vocab_size, n).astype(np.int32), rng.random(n) < 0.7, "test") for n in (9, 30, 17)]
+    report = rounding_report(build(CONFIG, 0), lambda: lora_model(0), examples)
+    adapted = mean_loss(lora_model(0), examples)
+    assert report["base"] == pytest.approx(mean_loss(build(CONFIG, 0), examples), abs=1e-6)
+    assert abs(report["base"] - adapted) > 1e-3  # the adapters moved the loss
+    assert report["merged, bf16 experts"] == pytest.approx(adapted, abs=1e-5)
+    assert report["merged, mxfp4 experts"] == pytest.approx(adapted, abs=0.1)

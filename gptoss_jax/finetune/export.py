@@ -16,13 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from convert import gguf, published
 from gptoss_jax import checkpoint
+from gptoss_jax.finetune import data
 from gptoss_jax.finetune.run import Run
 from gptoss_jax.finetune.trainer import TrainConfig, Trainer
 from gptoss_jax.lora import LoraSpec, merge_lora
+from gptoss_jax.loss import cross_entropy
 from gptoss_jax.model import GptOss
 
 
@@ -42,6 +49,33 @@ def trained_model(run_directory: str | Path) -> tuple[GptOss, int]:
     if step is None:
         raise ValueError(f"{run_directory} has no checkpoint yet")
     return trainer.model(), step
+
+
+@nnx.jit
+def _loss_sum(model: GptOss, tokens_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    learned = mask_BT[:, 1:]
+    mean = cross_entropy(model.hidden(tokens_BT[:, :-1]), model.unembedding[...], tokens_BT[:, 1:], learned)
+    return mean * learned.sum(), learned.sum()
+
+
+def mean_loss(model: GptOss, examples: Sequence[data.Example], rows: int = 8) -> float:
+    """Mean next-token loss over the learned tokens of `examples`, `rows` chats at a time."""
+    total, learned = 0.0, 0
+    for start in range(0, len(examples), rows):
+        batch = examples[start : start + rows]
+        tokens, mask = data.pad(batch, data.padded_length(batch, max(len(e.tokens) for e in batch)))
+        loss_sum, count = _loss_sum(model, jnp.asarray(tokens), jnp.asarray(mask))
+        total, learned = total + float(loss_sum), learned + int(count)
+    return total / max(learned, 1)
+
+
+def rounding_report(base: GptOss, trained: Callable[[], GptOss], examples: Sequence[data.Example]) -> dict[str, float]:
+    """Eval loss of the base and of the trained model merged with dense and with re-quantized experts:
+    MXFP4 rounding can erase a small update, and this shows whether it did."""
+    report = {"base": mean_loss(base, examples)}
+    for experts in ("bf16", "mxfp4"):
+        report[f"merged, {experts} experts"] = mean_loss(merge_lora(trained(), experts=experts), examples)
+    return report
 
 
 LAYOUTS = ("orbax", "hf", "original", "gguf")
@@ -73,11 +107,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="orbax: for gptoss_jax (default); hf: Hugging Face safetensors; original: OpenAI's original/ "
                    "layout; gguf: one .gguf file for llama.cpp")
     p.add_argument("--experts", choices=["mxfp4", "bf16"], default="mxfp4", help="merged experts re-quantized (default) or dense")
+    p.add_argument("--eval", type=Path, help="chats (JSONL, as for training): print their loss under the base and the "
+                   "merged model with dense and with MXFP4 experts first (rounding can erase a small update)")
     args = p.parse_args(argv)
     if args.out.exists():
         print(f"error: {args.out} exists; choose a new --out", file=sys.stderr)
         return 2
     try:
+        if args.eval:
+            settings = json.loads((args.run / "run.json").read_text())
+            examples = data.read_jsonl(args.eval, max_length=settings["train"]["max_length"])[0]
+            base = checkpoint.load(settings["checkpoint"], dtype=settings["dtype"], moe_impl=settings["moe_impl"])
+            for name, loss in rounding_report(base, lambda: trained_model(args.run)[0], examples).items():
+                print(f"eval loss, {name}: {loss:.4f}", file=sys.stderr)
         step = export(args.run, args.out, experts=args.experts, layout=args.format)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
