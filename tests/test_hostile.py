@@ -4,7 +4,6 @@ exit 2, and lose or half-write nothing. Everything here fails before a model is 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
