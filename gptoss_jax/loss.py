@@ -40,3 +40,14 @@ def cross_entropy(
     xs = (chunks(h_BTH), chunks(targets_BT.astype(jnp.int32)), chunks(mask_BT.astype(bool)))
     total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), xs)
     return total / jnp.maximum(mask_BT.sum(), 1).astype(jnp.float32)
+
+
+def next_token_loss_sum(model, tokens_BT: jax.Array, mask_BT: jax.Array, *, chunk: int = 256) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss of a `GptOss` over a batch's learned positions, and their count.
+
+    Position t predicts token t + 1, which is learned where `mask[t + 1]`; sums (not means) let batches
+    and micro-batches be added up before one division by the tokens learned.
+    """
+    learned = mask_BT[:, 1:]
+    mean = cross_entropy(model.hidden(tokens_BT[:, :-1]), model.unembedding[...], tokens_BT[:, 1:], learned, chunk=chunk)
+    return mean * learned.sum(), learned.sum()

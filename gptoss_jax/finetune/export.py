@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -29,19 +28,28 @@ from gptoss_jax.finetune import data
 from gptoss_jax.finetune.run import Run
 from gptoss_jax.finetune.trainer import TrainConfig, Trainer
 from gptoss_jax.lora import LoraSpec, merge_lora
-from gptoss_jax.loss import cross_entropy
+from gptoss_jax.loss import next_token_loss_sum
 from gptoss_jax.model import GptOss
+
+
+def run_settings(run_directory: Path) -> dict:
+    """The settings a fine-tuning run saved in `RUN/run.json`."""
+    settings_file = run_directory / "run.json"
+    if not settings_file.is_file():
+        raise ValueError(f"{run_directory} is not a fine-tuning run (no run.json)")
+    return json.loads(settings_file.read_text())
+
+
+def base_model(settings: dict, lora: LoraSpec | None = None) -> GptOss:
+    """The checkpoint a run was trained from, loaded as the run loaded it."""
+    return checkpoint.load(settings["checkpoint"], dtype=settings["dtype"], moe_impl=settings["moe_impl"], lora=lora)
 
 
 def trained_model(run_directory: str | Path) -> tuple[GptOss, int]:
     """The run's model after its latest checkpoint (adapters not yet merged), and that step."""
     run_directory = Path(run_directory)
-    settings_file = run_directory / "run.json"
-    if not settings_file.is_file():
-        raise ValueError(f"{run_directory} is not a fine-tuning run (no run.json)")
-    settings = json.loads(settings_file.read_text())
-    lora = LoraSpec(**settings["lora"]) if settings["lora"] else None
-    model = checkpoint.load(settings["checkpoint"], dtype=settings["dtype"], moe_impl=settings["moe_impl"], lora=lora)
+    settings = run_settings(run_directory)
+    model = base_model(settings, LoraSpec(**settings["lora"]) if settings["lora"] else None)
     trainer = Trainer(model, TrainConfig(**settings["train"]))
     run = Run(run_directory, settings, resume=True)
     step = run.restore(trainer)
@@ -51,11 +59,7 @@ def trained_model(run_directory: str | Path) -> tuple[GptOss, int]:
     return trainer.model(), step
 
 
-@nnx.jit
-def _loss_sum(model: GptOss, tokens_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    learned = mask_BT[:, 1:]
-    mean = cross_entropy(model.hidden(tokens_BT[:, :-1]), model.unembedding[...], tokens_BT[:, 1:], learned)
-    return mean * learned.sum(), learned.sum()
+_loss_sum = nnx.jit(next_token_loss_sum)
 
 
 def mean_loss(model: GptOss, examples: Sequence[data.Example], rows: int = 8) -> float:
@@ -115,10 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.eval:
-            settings = json.loads((args.run / "run.json").read_text())
+            settings = run_settings(args.run)
             examples = data.read_jsonl(args.eval, max_length=settings["train"]["max_length"])[0]
-            base = checkpoint.load(settings["checkpoint"], dtype=settings["dtype"], moe_impl=settings["moe_impl"])
-            for name, loss in rounding_report(base, lambda: trained_model(args.run)[0], examples).items():
+            for name, loss in rounding_report(base_model(settings), lambda: trained_model(args.run)[0], examples).items():
                 print(f"eval loss, {name}: {loss:.4f}", file=sys.stderr)
         step = export(args.run, args.out, experts=args.experts, layout=args.format)
     except (ValueError, OSError) as error:

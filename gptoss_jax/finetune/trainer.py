@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from gptoss_jax import sharding
 from gptoss_jax.finetune import data
-from gptoss_jax.loss import cross_entropy
+from gptoss_jax.loss import next_token_loss_sum
 from gptoss_jax.model import GptOss
 
 METHODS = ("lora", "full")
@@ -136,10 +136,7 @@ class Trainer:
         """Summed next-token loss over the learned positions of one micro-batch."""
         cast = jax.tree.map(lambda x, dtype: x.astype(dtype), params, self._dtypes)
         model = nnx.merge(self.graphdef, cast, frozen)
-        targets, learned = tokens_BT[:, 1:], mask_BT[:, 1:]
-        h = model.hidden(tokens_BT[:, :-1])
-        mean = cross_entropy(h, model.unembedding[...], targets, learned, chunk=self.config.loss_chunk)
-        return mean * learned.sum()
+        return next_token_loss_sum(model, tokens_BT, mask_BT, chunk=self.config.loss_chunk)[0]
 
     def _train_step(self, params, opt_state, frozen, step, tokens_ABT, mask_ABT):
         def micro_batch(carry, batch):
