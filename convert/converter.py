@@ -145,8 +145,25 @@ def _write(source: Source, staging: Path, dst: Path, expected: list[layouts.Tens
         writer.finish(source.config, {"expert_format": expert_format, "source": str(source.directory.resolve()), "source_layout": source.layout})
         _replace(staging, dst)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_once_settled(staging)
         raise
+
+
+def _remove_once_settled(staging: Path, quiet: float = 0.5, limit: float = 10.0) -> None:
+    """Removes `staging` and keeps removing it until it stays gone for `quiet` seconds: after a failed
+    write (disk full) Orbax raises the first error while TensorStore's threads finish the writes already
+    issued, recreating the folders they write into."""
+    deadline = time.monotonic() + limit
+    gone_since = None
+    while time.monotonic() < deadline:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= quiet:
+            return
+        time.sleep(0.02)
 
 
 def _leaf_shapes(config: GptOssConfig, expert_format: str) -> dict[layouts.ParamPath, tuple[int, ...]]:
