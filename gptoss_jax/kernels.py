@@ -27,8 +27,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax import native
+from gptoss_jax import native, stacked
 from gptoss_jax.kv_cache import WritePlan
+from gptoss_jax.stacked import LayerOf
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.moe import experts_mlp
@@ -48,6 +49,12 @@ def interpret() -> bool:
 def cpu_kernels() -> bool:
     """True where the C++ kernels serve: on CPU, once they compiled (see `native.available`)."""
     return platform() == "cpu" and native.available()
+
+
+def reads_stacks(tokens_per_row: int) -> bool:
+    """True where a step's layers give the C++ kernels whole parameter stacks and a layer index
+    (`stacked.LayerOf`) rather than slices XLA would copy: one-token decode on CPU, without a mesh."""
+    return tokens_per_row == 1 and cpu_kernels() and jax.sharding.get_abstract_mesh().empty
 
 
 def has_attention_kernel(cached: bool) -> bool:
@@ -72,23 +79,25 @@ def with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
     return run
 
 
-def project(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+def project(spec: str, x: jax.Array, w: jax.Array | LayerOf, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
 
     One token with bfloat16 weights on CPU runs as the C++ matrix-vector kernel, at memory bandwidth:
-    XLA:CPU's dot for a single row is 10-40x slower (its fast GEMM path starts at two rows).
+    XLA:CPU's dot for a single row is 10-40x slower (its fast GEMM path starts at two rows). Given a
+    `LayerOf`, the kernel reads the layer inside the stack.
     """
     out_dtype = out_dtype or x.dtype
 
     def einsum(x, w):
-        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+        return jnp.einsum(spec, x, w[...], preferred_element_type=out_dtype)
 
     if x.shape[0] * x.shape[1] > 1 or w.dtype != jnp.bfloat16 or not cpu_kernels():
         return einsum(x, w)
 
     def matvec(x, w):
         kept = w.shape[: w.ndim - (x.ndim - 2)]
-        y = native.bf16_matvec(x.reshape(-1), w.reshape(math.prod(kept), -1))
+        stack, layer = stacked.parts(w)
+        y = native.bf16_matvec(x.reshape(-1), stack.reshape(stack.shape[0], math.prod(kept), -1), layer)
         return y.reshape(*x.shape[:2], *kept).astype(out_dtype)
 
     return with_reference_vjp(matvec, einsum)(x, w)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import kernels, moe, sharding
+from gptoss_jax import kernels, moe, sharding, stacked
 from gptoss_jax.kernels import project
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import KVCache, LayerCache, WritePlan, query_positions
@@ -164,11 +164,12 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         N, G = self.config.num_key_value_heads, self.config.q_per_kv
         t = self.norm(x_BTH)
+        # Matrices go to `project` as they are (`get_value`: perhaps a `stacked.LayerOf`, read in place).
         # q head j = n * G + g belongs to kv head n = j // G (REF and HF alike).
-        wq_NGDH, bq_NGD = self.q[...].reshape(N, G, *self.q.shape[1:]), self.q_bias[...].reshape(N, G, -1)
+        wq_NGDH, bq_NGD = self.q.get_value().reshape(N, G, *self.q.shape[1:]), self.q_bias[...].reshape(N, G, -1)
         q = plus_update(project("bth,ngdh->btngd", t, wq_NGDH) + bq_NGD, self.q_lora, t)
-        k = plus_update(project("bth,ndh->btnd", t, self.k[...]) + self.k_bias[...], self.k_lora, t)
-        v = plus_update(project("bth,ndh->btnd", t, self.v[...]) + self.v_bias[...], self.v_lora, t)
+        k = plus_update(project("bth,ndh->btnd", t, self.k.get_value()) + self.k_bias[...], self.k_lora, t)
+        v = plus_update(project("bth,ndh->btnd", t, self.v.get_value()) + self.v_bias[...], self.v_lora, t)
         q_BTNGD, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
             keys, values, k_pos = k, v, q_pos_BT
@@ -180,7 +181,7 @@ class Attention(nnx.Module):
             o_BTNGD = kernels.attend(q_BTNGD, keys, values, q_pos_BT, plan, sinks_NG, self.window)
         else:
             o_BTNGD = attend(q_BTNGD, keys, values, q_pos_BT, k_pos, sinks_NG, self.window)
-        wo_HNGD = self.out[...].reshape(self.out.shape[0], N, G, -1)
+        wo_HNGD = self.out.get_value().reshape(self.out.shape[0], N, G, -1)
         out_BTH = project("btngd,hngd->bth", o_BTNGD, wo_HNGD) + self.out_bias[...]
         return x_BTH + plus_update(out_BTH, self.out_lora, o_BTNGD.reshape(*o_BTNGD.shape[:2], N * G, -1)), cache
 
@@ -223,9 +224,10 @@ class MoE(nnx.Module):
         return x_BTH + moe.apply(self.impl, experts, t, experts_BTK, weights_BTK)
 
     def _matrices(self, name: str) -> moe.Matrices:
+        """As stored (`get_value`: perhaps `stacked.LayerOf`s, which `moe` reads in place or slices)."""
         if self.expert_format == "mxfp4":
-            return moe.PackedMatrices(getattr(self, f"{name}_blocks")[...], getattr(self, f"{name}_scales")[...])
-        return moe.DenseMatrices(getattr(self, f"{name}_weight")[...])
+            return moe.PackedMatrices(getattr(self, f"{name}_blocks").get_value(), getattr(self, f"{name}_scales").get_value())
+        return moe.DenseMatrices(getattr(self, f"{name}_weight").get_value())
 
 
 def _low_rank(adapter: LoRA | None) -> moe.LowRank | None:
@@ -370,39 +372,46 @@ class GptOss(nnx.Module):
         """Runs the layers as a scan over (sliding, full) pairs, then a last sliding layer if L is odd.
 
         The cache stacks ride in the scan's carry and each layer rewrites only its own slice, which XLA
-        does in place (as scan outputs they would be a second copy of the whole cache).
+        does in place (as scan outputs they would be a second copy of the whole cache). The parameter
+        stacks are the scan's inputs, one layer per step; for one-token decode on CPU the steps instead
+        close over the whole stacks and see their layer as `stacked.LayerOf`, which the C++ kernels
+        read in place (`kernels.reads_stacks`).
         """
         rope = rotary_tables(self.config, positions_BT, self.dtype)
         sliding_plan, full_plan = plans if plans is not None else (None, None)
         sliding_stack, full_stack = (cache.sliding, cache.full) if cache is not None else (None, None)
         pairs = self.config.num_hidden_layers // 2
         sliding_def, sliding_state = nnx.split(self.sliding_blocks)
+        in_place = kernels.reads_stacks(x_BTH.shape[1])
 
-        def block(graph, state, x, plan, stack, layer):
-            layer_cache = None if stack is None else jax.tree.map(lambda a: a[layer], stack)
+        def layer(state, index):  # layer `index` of a stack's parameters
+            return stacked.layer_of(state, index) if in_place else jax.tree.map(lambda a: a[index], state)
+
+        def block(graph, state, x, plan, stack, index):
+            layer_cache = None if stack is None else jax.tree.map(lambda a: a[index], stack)
             x, layer_cache = self._rematerialized(
                 lambda state, x, layer_cache: nnx.merge(graph, state)(x, rope, positions_BT, plan, layer_cache)
             )(state, x, layer_cache)
             if stack is not None:
-                stack = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, layer, 0), stack, layer_cache)
+                stack = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, index, 0), stack, layer_cache)
             return x, stack
 
         if pairs:
             full_def, full_state = nnx.split(self.full_blocks)
 
-            def pair(carry, layer):
+            def pair(carry, xs):
                 x, s_stack, f_stack = carry
-                index, s_state, f_state = layer
+                index, s_state, f_state = xs if not in_place else (xs, layer(sliding_state, xs), layer(full_state, xs))
                 x, s_stack = block(sliding_def, s_state, x, sliding_plan, s_stack, index)
                 x, f_stack = block(full_def, f_state, x, full_plan, f_stack, index)
                 return (x, s_stack, f_stack), None
 
-            first_pairs = jax.tree.map(lambda a: a[:pairs], sliding_state)
-            layers = (jnp.arange(pairs), first_pairs, full_state)
-            (x_BTH, sliding_stack, full_stack), _ = jax.lax.scan(pair, (x_BTH, sliding_stack, full_stack), layers)
+            xs = jnp.arange(pairs)
+            if not in_place:  # the scan slices one layer per step
+                xs = (xs, jax.tree.map(lambda a: a[:pairs], sliding_state), full_state)
+            (x_BTH, sliding_stack, full_stack), _ = jax.lax.scan(pair, (x_BTH, sliding_stack, full_stack), xs)
         if self.config.num_hidden_layers % 2:
-            last = jax.tree.map(lambda a: a[pairs], sliding_state)
-            x_BTH, sliding_stack = block(sliding_def, last, x_BTH, sliding_plan, sliding_stack, pairs)
+            x_BTH, sliding_stack = block(sliding_def, layer(sliding_state, pairs), x_BTH, sliding_plan, sliding_stack, pairs)
         return x_BTH, (sliding_stack, full_stack)
 
     def _rematerialized(self, layer):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax import kernels, native, sharding
+from gptoss_jax import kernels, native, sharding, stacked
 from gptoss_jax.mxfp4 import dequantize
 
 IMPLS = ("auto", "gather", "grouped", "pallas")
@@ -136,7 +136,7 @@ def gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_B
 
 
 def _gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    dtype = t_BTH.dtype
+    dtype, experts = t_BTH.dtype, stacked.resolve(experts)
     w1_BTKFH = experts.mlp1.take(experts_BTK).weights(dtype)
     u_BTKF = jnp.einsum("bth,btkfh->btkf", t_BTH, w1_BTKFH) + experts.mlp1_bias[experts_BTK]
     u_BTKF = _plus(u_BTKF, experts.mlp1_lora, lambda lora: lora.take(experts_BTK).pairs(t_BTH[:, :, None]))
@@ -148,17 +148,28 @@ def _gather(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_
 
 
 def _gather_by_cpu_kernel(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
-    """`_gather` with each pair's two products in the C++ kernel, on the selected experts' packed
-    bytes (gathered by XLA: 50 MB per gpt-oss-20b token and layer, of 400 MB of experts). Pairs of
-    weight 0 (another expert shard's) are computed and then zeroed, not skipped."""
+    """`_gather` with each pair's two products in the C++ kernel, on the selected experts' packed bytes
+    (50 MB per gpt-oss-20b token and layer, of 400 MB of experts), read in the layer stacks when the
+    matrices are `stacked.LayerOf`. Pairs of weight 0 (another expert shard's)
+    are computed and then zeroed, not skipped."""
     dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
     expert_P, weight_P = experts_BTK.reshape(-1), weights_BTK.reshape(-1)
     t_PH = jnp.repeat(t_BTH.reshape(B * T, H), K, axis=0)
-    mlp1, mlp2 = experts.mlp1.take(expert_P), experts.mlp2.take(expert_P)
-    u_PF = native.mxfp4_matvec(t_PH, mlp1.blocks, mlp1.scales).astype(dtype) + experts.mlp1_bias[expert_P]
+
+    def matvec(x_PC: jax.Array, matrices: PackedMatrices) -> jax.Array:
+        if isinstance(matrices.blocks, stacked.LayerOf):
+            (blocks, layer), (scales, _) = stacked.parts(matrices.blocks), stacked.parts(matrices.scales)
+            return native.mxfp4_matvec(x_PC, blocks, scales, expert_P, layer).astype(dtype)
+        # A layer's experts handed over as an array may be a slice XLA copies whole for the call (400 MB
+        # per gpt-oss-20b layer): the selected experts are gathered first (50 MB), as a stack of one layer.
+        chosen = matrices.take(expert_P)
+        pairs = jnp.arange(expert_P.shape[0], dtype=jnp.int32)
+        return native.mxfp4_matvec(x_PC, chosen.blocks[None], chosen.scales[None], pairs).astype(dtype)
+
+    u_PF = matvec(t_PH, experts.mlp1) + experts.mlp1_bias[expert_P]
     u_PF = _plus(u_PF, experts.mlp1_lora, lambda lora: lora.take(expert_P).pairs(t_PH))
     act_PI = clamped_swiglu(u_PF, experts.alpha, experts.limit)
-    y_PH = native.mxfp4_matvec(act_PI, mlp2.blocks, mlp2.scales).astype(dtype) + experts.mlp2_bias[expert_P]
+    y_PH = matvec(act_PI, experts.mlp2) + experts.mlp2_bias[expert_P]
     y_PH = _plus(y_PH, experts.mlp2_lora, lambda lora: lora.take(expert_P).pairs(act_PI))
     y_PH = jnp.where(weight_P[:, None] != 0, y_PH, 0)  # pairs of weight 0 may hold anything
     return jnp.einsum("btkh,btk->bth", y_PH.reshape(B, T, K, H), weights_BTK.astype(dtype))
@@ -315,6 +326,7 @@ def apply(impl: str, experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array,
     axis = sharding.split_axis("experts")
     if axis is None:
         return _apply_here(impl, experts, t_BTH, experts_BTK, weights_BTK)
+    experts = stacked.resolve(experts)
     routed = sharding.spec(("batch", None, None))
     body = _local_then_sum if t_BTH.shape[1] == 1 else _dispatch
     run = jax.shard_map(
@@ -328,7 +340,10 @@ def apply(impl: str, experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array,
 
 
 def _apply_here(impl: str, experts: Experts, t_BTH, experts_BTK, weights_BTK) -> jax.Array:
+    """Runs `impl` here; only `gather` takes experts as `stacked.LayerOf` (its CPU kernel reads them in place)."""
     algorithm = _auto(experts, experts_BTK.size) if impl == "auto" else impl
+    if algorithm != "gather":
+        experts = stacked.resolve(experts)
     return ALGORITHMS[algorithm](experts, t_BTH, experts_BTK, weights_BTK)
 
 

@@ -47,29 +47,47 @@ def test_source_constants_match_the_format():
 
 
 # (P, R, C): one value block, odd row counts and block counts, gpt-oss-20b's mlp2, and more rows than
-# the kernel's per-thread share so every thread's range (and the ragged last one) is covered.
+# the kernel's per-thread share so every thread's range (and the ragged last one) is covered. The
+# matrices sit in a stack of 3 layers x (P + 2) experts; pair p uses expert (2p + 1) % E of layer 2.
 @needs_compiler
 @pytest.mark.parametrize("P, R, C", [(1, 1, 32), (3, 7, 96), (2, 33, 160), pytest.param(1, 2880, 2880, marks=pytest.mark.slow), (5, 601, 64)])
 def test_matches_decoded_weights(P, R, C):
     rng = np.random.default_rng(P * R + C)
-    blocks = rng.integers(0, 256, (P, R, C // 32, 16), dtype=np.uint8)  # every code in both nibbles
-    scales = rng.integers(118, 130, (P, R, C // 32), dtype=np.uint8)
+    L, E, layer = 3, P + 2, 2
+    blocks = rng.integers(0, 256, (L, E, R, C // 32, 16), dtype=np.uint8)  # every code in both nibbles
+    scales = rng.integers(118, 130, (L, E, R, C // 32), dtype=np.uint8)
+    expert = (2 * np.arange(P) + 1) % E
     x = rng.standard_normal((P, C), np.float32)
-    got = np.asarray(jax.jit(native.mxfp4_matvec)(jnp.asarray(x), jnp.asarray(blocks), jnp.asarray(scales)))
-    weights = np.asarray(dequantize(jnp.asarray(blocks), jnp.asarray(scales), jnp.float32), np.float64)
+    got = np.asarray(jax.jit(native.mxfp4_matvec)(jnp.asarray(x), jnp.asarray(blocks), jnp.asarray(scales), jnp.asarray(expert), layer))
+    weights = np.asarray(dequantize(jnp.asarray(blocks[layer, expert]), jnp.asarray(scales[layer, expert]), jnp.float32), np.float64)
     expected = np.einsum("prc,pc->pr", weights, x.astype(np.float64))
     # float32 sums of C exact products in a different order than float64: measured <= 6e-7 of the
-    # largest output; a wrong nibble, scale or row moves outputs by O(1) of it.
+    # largest output; a wrong nibble, scale, row, expert or layer moves outputs by O(1) of it.
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
 
 
 @needs_compiler
 def test_mismatched_shapes_are_an_error():
-    blocks, scales = jnp.zeros((2, 4, 3, 16), jnp.uint8), jnp.zeros((2, 4, 3), jnp.uint8)
+    blocks, scales = jnp.zeros((1, 2, 4, 3, 16), jnp.uint8), jnp.zeros((1, 2, 4, 3), jnp.uint8)
     with pytest.raises(ValueError, match="do not match"):
-        native.mxfp4_matvec(jnp.zeros((2, 64)), blocks, scales)
+        native.mxfp4_matvec(jnp.zeros((2, 64)), blocks, scales, jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match="need blocks"):
+        native.mxfp4_matvec(jnp.zeros((2, 96)), blocks[0], scales[0], jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match="bfloat16 w"):
-        native.bf16_matvec(jnp.zeros(3), jnp.zeros((4, 3), jnp.float32))
+        native.bf16_matvec(jnp.zeros(3), jnp.zeros((1, 4, 3), jnp.float32))
+
+
+@needs_compiler
+@pytest.mark.parametrize("layer, expert", [(1, 0), (-1, 0), (0, 2), (0, -1)])
+def test_indices_outside_the_stack_are_an_error(layer, expert):
+    """Layer and expert ids are traced values the kernel cannot trust: out of range is an error, not a read
+    past the stack."""
+    blocks, scales = jnp.zeros((1, 2, 4, 1, 16), jnp.uint8), jnp.zeros((1, 2, 4, 1), jnp.uint8)
+    with pytest.raises(Exception, match="out of range"):
+        jax.block_until_ready(native.mxfp4_matvec(jnp.zeros((1, 32)), blocks, scales, jnp.array([expert]), layer))
+    if expert == 0:
+        with pytest.raises(Exception, match="layer out of range"):
+            jax.block_until_ready(native.bf16_matvec(jnp.zeros(3), jnp.zeros((1, 4, 3), jnp.bfloat16), layer))
 
 
 @needs_compiler
@@ -84,11 +102,11 @@ def test_library_is_built_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("R, C", [(1, 1), (7, 33), (601, 2880)])  # C not a multiple of 16: the scalar tail
 def test_bf16_matvec_matches_float64(R, C):
     rng = np.random.default_rng(R + C)
-    w = jnp.asarray(rng.standard_normal((R, C)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, R, C)), jnp.bfloat16)  # a stack of 3 layers; layer 1 is used
     x = rng.standard_normal(C, np.float32)
-    got = np.asarray(jax.jit(native.bf16_matvec)(jnp.asarray(x), w))
-    expected = np.asarray(w, np.float64) @ x.astype(np.float64)
+    got = np.asarray(jax.jit(native.bf16_matvec)(jnp.asarray(x), w, 1))
+    expected = np.asarray(w[1], np.float64) @ x.astype(np.float64)
     # float32 sums of exact products (bf16 x float32 fits in float32's mantissa): measured <= 3e-7 of
-    # sum |w x|; a dropped tail or wrong row is O(1) of it.
-    bound = np.abs(np.asarray(w, np.float64)) @ np.abs(x.astype(np.float64))
+    # sum |w x|; a dropped tail, wrong row or wrong layer is O(1) of it.
+    bound = np.abs(np.asarray(w[1], np.float64)) @ np.abs(x.astype(np.float64))
     np.testing.assert_array_less(np.abs(got - expected), 2e-6 * bound + 1e-30)

@@ -83,20 +83,31 @@ def _require() -> None:
         raise RuntimeError("the native CPU kernels are unavailable (see the warning above); use an XLA implementation")
 
 
-def mxfp4_matvec(x_PC: jax.Array, blocks_PRJ16: jax.Array, scales_PRJ: jax.Array) -> jax.Array:
-    """`y[p] = W_p @ x[p]` in float32 for P packed matrices `W_p [R, C]` (CPU only; see `available`)."""
+def mxfp4_matvec(
+    x_PC: jax.Array, blocks: jax.Array, scales: jax.Array, expert_P: jax.Array, layer: jax.Array | int = 0
+) -> jax.Array:
+    """`y[p] = W[layer, expert[p]] @ x[p]` in float32 (CPU only; see `available`), W packed: blocks
+    `[L, E, R, C/32, 16]` and scales `[L, E, R, C/32]` (`stacked.parts` gives a lone layer an `L` of 1).
+
+    The kernel indexes the stack itself, so no expert or layer is ever sliced out (XLA would copy the
+    slice). Out-of-range indices are an error, not a read past the stack.
+    """
     _require()
-    P, R, J, _ = blocks_PRJ16.shape
-    if x_PC.shape != (P, J * 32) or scales_PRJ.shape != (P, R, J):
-        raise ValueError(f"x {x_PC.shape}, blocks {blocks_PRJ16.shape} and scales {scales_PRJ.shape} do not match")
+    if blocks.ndim != 5 or expert_P.ndim != 1:
+        raise ValueError(f"need blocks [L, E, R, C/32, 16] and experts [P], got {blocks.shape} and {expert_P.shape}")
+    L, E, R, J, _ = blocks.shape
+    P = expert_P.shape[0]
+    if x_PC.shape != (P, J * 32) or scales.shape != (L, E, R, J):
+        raise ValueError(f"x {x_PC.shape}, blocks {blocks.shape}, scales {scales.shape} and experts {expert_P.shape} do not match")
     call = jax.ffi.ffi_call("gptoss_mxfp4_matvec", jax.ShapeDtypeStruct((P, R), jnp.float32))
-    return call(x_PC.astype(jnp.float32), blocks_PRJ16, scales_PRJ)
+    return call(x_PC.astype(jnp.float32), blocks, scales, jnp.asarray(layer, jnp.int32), expert_P.astype(jnp.int32))
 
 
-def bf16_matvec(x_C: jax.Array, w_RC: jax.Array) -> jax.Array:
-    """`w @ x` in float32 for a bfloat16 matrix `w [R, C]` (CPU only; see `available`)."""
+def bf16_matvec(x_C: jax.Array, w: jax.Array, layer: jax.Array | int = 0) -> jax.Array:
+    """`w[layer] @ x` in float32 for bfloat16 `w [L, R, C]` (CPU only; see `available`). As in
+    `mxfp4_matvec`, the kernel indexes the stack itself."""
     _require()
-    if w_RC.ndim != 2 or w_RC.dtype != jnp.bfloat16 or x_C.shape != w_RC.shape[1:]:
-        raise ValueError(f"need bfloat16 w [R, C] and x [C], got w {w_RC.dtype} {w_RC.shape} and x {x_C.shape}")
-    call = jax.ffi.ffi_call("gptoss_bf16_matvec", jax.ShapeDtypeStruct(w_RC.shape[:1], jnp.float32))
-    return call(x_C.astype(jnp.float32), w_RC)
+    if w.ndim != 3 or w.dtype != jnp.bfloat16 or x_C.shape != w.shape[2:]:
+        raise ValueError(f"need bfloat16 w [L, R, C] and x [C], got w {w.dtype} {w.shape} and x {x_C.shape}")
+    call = jax.ffi.ffi_call("gptoss_bf16_matvec", jax.ShapeDtypeStruct(w.shape[1:2], jnp.float32))
+    return call(x_C.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32))

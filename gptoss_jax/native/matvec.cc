@@ -1,18 +1,25 @@
 // Matrix-vector products for one-token decode on CPU, as XLA FFI custom calls. Each reads every weight
-// byte once, converts it in registers and sums in float32; rows are split over threads. Without
-// AVX-512 scalar loops compute the same sums.
+// byte once, converts it in registers and sums in float32; rows are split over XLA's own CPU thread
+// pool. Without AVX-512 scalar loops compute the same sums.
 //
-// GptossMxfp4Matvec: y[p, r] = sum_c W_p[r, c] * x[p, c], W_p given packed: blocks [P, R, C/32, 16]
-//   (two E2M1 codes per byte, low nibble first) and E8M0 scales [P, R, C/32]. Codes are decoded by a
-//   16-entry table held in one AVX-512 register (vpermps); nothing dequantized is written to memory.
-// GptossBf16Matvec: y[r] = sum_c W[r, c] * x[c] for bfloat16 W [R, C] (a bfloat16 is the top half of
-//   a float32, so widening is a shift).
+// Both take a parameter stacked over layers plus the layer to use (and the MXFP4 one, the experts to
+// use), so a decode step hands them the stacks as they are: slicing a layer out in XLA would make it
+// copy the slice into a buffer of its own before every call (~100 MB per gpt-oss-20b layer and token).
+//
+// GptossMxfp4Matvec: y[p, r] = sum_c W[layer, expert[p]][r, c] * x[p, c], W given packed: blocks
+//   [L, E, R, C/32, 16] (two E2M1 codes per byte, low nibble first) and E8M0 scales [L, E, R, C/32].
+//   Codes are decoded by a 16-entry table held in one AVX-512 register (vpermps); nothing dequantized
+//   is written to memory.
+// GptossBf16Matvec: y[r] = sum_c W[layer][r, c] * x[c] for bfloat16 W [L, R, C] (a bfloat16 is the top
+//   half of a float32, so widening is a shift).
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -40,17 +47,27 @@ inline float ScaleToFloat(uint8_t s) {
   return f;
 }
 
-// Runs work(begin, end) over [0, total) split across the cores (the calling thread takes the first share).
+// Runs work(begin, end) over [0, total) in shares taken by the calling thread and by tasks on XLA's
+// CPU thread pool (threads of our own would oversubscribe the cores XLA already keeps busy). The
+// caller waits only for shares that were started; a task the pool runs late finds none left and
+// touches nothing but the shared counters it owns a reference to.
 template <typename Work>
-void ParallelFor(int64_t total, const Work& work) {
-  const int64_t threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, std::max<int64_t>(1, total / 256));
-  const int64_t share = (total + threads - 1) / threads;
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) {
-    helpers.emplace_back(work, std::min(total, t * share), std::min(total, (t + 1) * share));
-  }
-  work(0, std::min(total, share));
-  for (auto& helper : helpers) helper.join();
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Work& work) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  const int64_t shares = std::clamp<int64_t>(total / 256, 1, 4 * workers);  // a few per worker, for balance
+  const int64_t size = (total + shares - 1) / shares;
+  auto counters = std::make_shared<Counters>();
+  auto take_shares = [counters, shares, size, total, &work] {
+    for (int64_t s; (s = counters->next.fetch_add(1)) < shares; counters->done.fetch_add(1)) {
+      work(std::min(total, s * size), std::min(total, (s + 1) * size));
+    }
+  };
+  for (int64_t t = 1; t < std::min(workers, shares); ++t) pool.Schedule(decltype(take_shares)(take_shares));
+  take_shares();
+  while (counters->done.load() < shares) std::this_thread::yield();
 }
 
 // One row: `groups` blocks of 32 values against x split into even (low nibble) and odd (high nibble)
@@ -84,13 +101,26 @@ inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_ev
 #endif
 }
 
-ffi::Error Mxfp4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
+// The layer (and each pair's expert) must index the stack: they come from traced values, so they are
+// checked here rather than trusted.
+bool InRange(int64_t index, int64_t size) { return index >= 0 && index < size; }
+
+ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
+                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> expert,
                            ffi::ResultBuffer<ffi::F32> y) {
   auto bdims = blocks.dimensions();
-  if (bdims.size() != 4 || bdims[3] != kBytesPerBlock) return ffi::Error::InvalidArgument("blocks must be [P, R, C/32, 16]");
-  const int64_t pairs = bdims[0], rows = bdims[1], groups = bdims[2], cols = kBlock * groups;
+  if (bdims.size() != 5 || bdims[4] != kBytesPerBlock) return ffi::Error::InvalidArgument("blocks must be [L, E, R, C/32, 16]");
+  const int64_t layers = bdims[0], experts = bdims[1], rows = bdims[2], groups = bdims[3], cols = kBlock * groups;
+  const int64_t pairs = expert.element_count();
   if (x.element_count() != pairs * cols) return ffi::Error::InvalidArgument("x must be [P, C]");
-  if (scales.element_count() != pairs * rows * groups) return ffi::Error::InvalidArgument("scales must be [P, R, C/32]");
+  if (scales.element_count() != layers * experts * rows * groups) return ffi::Error::InvalidArgument("scales must be [L, E, R, C/32]");
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const int32_t* ids = expert.typed_data();
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (!InRange(ids[p], experts)) return ffi::Error::InvalidArgument("expert id out of range");
+  }
 
   // x de-interleaved once per pair: even elements meet low nibbles, odd ones high nibbles.
   std::vector<float> split(pairs * cols);
@@ -104,10 +134,13 @@ ffi::Error Mxfp4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
     }
   }
 
-  ParallelFor(pairs * rows, [&](int64_t begin, int64_t end) {
+  const int64_t matrix_rows = rows * groups;  // scale bytes per matrix (and block bytes / 16)
+  ParallelFor(pool, pairs * rows, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* even = split.data() + (i / rows) * cols;
-      y->typed_data()[i] = Row(blocks.typed_data() + i * groups * kBytesPerBlock, scales.typed_data() + i * groups, even,
+      const int64_t p = i / rows, r = i % rows;
+      const int64_t row = (l * experts + ids[p]) * matrix_rows + r * groups;  // in scale bytes
+      const float* even = split.data() + p * cols;
+      y->typed_data()[i] = Row(blocks.typed_data() + row * kBytesPerBlock, scales.typed_data() + row, even,
                                even + cols / 2, groups);
     }
   });
@@ -134,13 +167,17 @@ inline float Bf16Row(const uint16_t* w, const float* x, int64_t cols) {
   return tail;
 }
 
-ffi::Error Bf16MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto wdims = w.dimensions();
-  if (wdims.size() != 2) return ffi::Error::InvalidArgument("w must be [R, C]");
-  const int64_t rows = wdims[0], cols = wdims[1];
+  if (wdims.size() != 3) return ffi::Error::InvalidArgument("w must be [L, R, C]");
+  const int64_t layers = wdims[0], rows = wdims[1], cols = wdims[2];
   if (x.element_count() != cols) return ffi::Error::InvalidArgument("x must be [C]");
-  const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data());
-  ParallelFor(rows, [&](int64_t begin, int64_t end) {
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data()) + l * rows * cols;
+  ParallelFor(pool, rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) y->typed_data()[r] = Bf16Row(weights + r * cols, x.typed_data(), cols);
   });
   return ffi::Error::Success();
@@ -150,13 +187,18 @@ ffi::Error Bf16MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16MatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
