@@ -1,11 +1,12 @@
 """Decode and prefill speed, memory and compile time of gptoss-jax, beside a peer engine in the same run.
 
     python bench/decode.py --preset gpt-oss-20b --layers 2 --compare hf [--json out.json]
+    python bench/decode.py --preset gpt-oss-20b --prompts 512 --batches 1 --compare llama.cpp
 
 Each engine runs in its own fresh process (so peak RSS and time to first token are its own) on the
 same prompts: a warm-up and `--repeats` timed greedy generate calls per (prompt length, batch).
 The table shows ours, the peer's figure, their ratio (>1: ours is better), and the project's targets.
-A roofline section compares decode with what this machine's memory bandwidth allows.
+A roofline section compares decode with what this machine's read bandwidth allows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import llama_cpp
 import peers
 import report
 import roofline
@@ -72,8 +74,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", metavar="B", default=[1, 8], help="batch sizes (default 1 8)")
     parser.add_argument("--new-tokens", type=int, metavar="N", default=128, help="tokens generated per prompt (default 128, at least 3)")
     parser.add_argument("--repeats", type=int, metavar="N", default=1, help="timed runs per case after the warm-up; medians are reported")
-    parser.add_argument("--compare", metavar="hf|COMMAND", help="'hf': transformers on the same weights; anything else: "
-                        "a command line to time (wall time and peak RSS), e.g. \"llama-bench -m model.gguf\"")
+    parser.add_argument("--compare", metavar="hf|llama.cpp|COMMAND", help="'hf': transformers on the same weights; 'llama.cpp': "
+                        "its llama-bench on the same weights as GGUF (built on first use, batch-1 cases only); anything else: "
+                        "a command line to time (wall time and peak RSS)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure to this file")
     parser.add_argument("--work-dir", type=Path, metavar="DIR", default=Path.home() / ".cache/gptoss-jax/bench", help="where random checkpoints are kept")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
@@ -97,15 +100,19 @@ def validate(args: argparse.Namespace) -> GptOssConfig:
         raise ValueError("prompt lengths, batches and --repeats must be at least 1, --new-tokens at least 3")
     if max(args.prompts) + args.new_tokens > config.max_context:
         raise ValueError(f"prompt {max(args.prompts)} + {args.new_tokens} new tokens exceed the context of {config.max_context}")
-    if args.compare not in (None, "hf") and shutil.which(shlex.split(args.compare)[0]) is None:
+    if args.compare not in (None, "hf", "llama.cpp") and shutil.which(shlex.split(args.compare)[0]) is None:
         raise ValueError(f"--compare: command {shlex.split(args.compare)[0]!r} not found")
     return config
 
 
-def run_peer(compare: str | None, config: GptOssConfig, published: Path | None, spec: dict) -> tuple[dict | None, str, str | None]:
+def run_peer(args: argparse.Namespace, config: GptOssConfig, published: Path | None, checkpoint: Path,
+             spec: dict) -> tuple[dict | None, str, str | None]:
     """(peer result or None, its column name, why it was skipped)."""
+    compare = args.compare
     if compare is None:
         return None, "peer", None
+    if compare == "llama.cpp":
+        return llama_cpp.run(args.work_dir, checkpoint, spec), "llama.cpp", None
     if compare != "hf":
         return run_command(shlex.split(compare)), "command", None
     problem = peers.hf_problem(config)
@@ -119,17 +126,17 @@ def print_report(args: argparse.Namespace, config: GptOssConfig, figures: dict) 
     print(f"\n{args.preset or args.checkpoint}, {config.num_hidden_layers} layers; prompts {args.prompts}, batches {args.batches}, "
           f"{args.new_tokens} new tokens; medians of {args.repeats} run(s) after a warm-up")
     report.print_table(figures["table"], figures["peer_name"])
-    ours, peer = figures["ours"], figures["peer"]
+    ours, peer, peer_name = figures["ours"], figures["peer"], figures["peer_name"]
     if peer and peer.get("returncode"):
         print(f"note: the command exited with code {peer['returncode']}")
     if figures["peer_skipped"]:
         print(f"transformers skipped: {figures['peer_skipped']}")
-    if peer and "cases" in peer:  # both engines ran the same weights and prompts
+    if peer_name == "transformers" and peer:  # both engines ran the same weights and prompts
         pairs = [(a, b) for c, d in zip(ours["cases"], peer["cases"]) for a, b in zip(c["first_tokens"], d["first_tokens"])]
         print(f"greedy first tokens equal to transformers' in {sum(a == b for a, b in pairs)} of {len(pairs)} rows")
     if args.preset and config.num_hidden_layers < GptOssConfig.from_preset(args.preset).num_hidden_layers:
         print("note: the targets are meant for the full depth; a cut model is faster and smaller")
-    report.print_roofline(figures["bandwidth_bytes_per_s"], figures["roofline"], figures["peer_name"])
+    report.print_roofline(figures["bandwidth_bytes_per_s"], figures["copy_bandwidth_bytes_per_s"], figures["roofline"], figures["peer_name"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         published, checkpoint = None, args.checkpoint
     spec = {"prompts": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed}
     print("measuring memory bandwidth", file=sys.stderr, flush=True)
-    bandwidth = roofline.copy_bandwidth()
+    bandwidth, copy_bandwidth = roofline.read_bandwidth(), roofline.copy_bandwidth()
     ours = run_engine("engine_ours.py", {**spec, "checkpoint": str(checkpoint.absolute())})
-    peer, peer_name, skipped = run_peer(args.compare, config, published, spec)
+    peer, peer_name, skipped = run_peer(args, config, published, checkpoint, spec)
     expert_format = json.loads((checkpoint / MARKER).read_text()).get("expert_format", "mxfp4")
     figures = {
         "model": {"preset": args.preset, "checkpoint": args.checkpoint and str(args.checkpoint), "layers": config.num_hidden_layers},
-        "settings": spec, "bandwidth_bytes_per_s": bandwidth, "ours": ours, "peer": peer, "peer_name": peer_name, "peer_skipped": skipped,
+        "settings": spec, "bandwidth_bytes_per_s": bandwidth, "copy_bandwidth_bytes_per_s": copy_bandwidth, "ours": ours, "peer": peer, "peer_name": peer_name, "peer_skipped": skipped,
         "table": report.table(ours, peer, [(p, b) for p in args.prompts for b in args.batches]),
         "roofline": report.roofline_rows(roofline.abstract_model(config, expert_format), bandwidth, ours, peer),
     }

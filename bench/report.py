@@ -1,7 +1,8 @@
 """The tables `decode.py` prints: every metric for ours and a peer, with ratio and target; the decode roofline.
 
 An engine's result is the dict its process printed (see `workload.measure`) plus `peak_rss_bytes`
-and `wall_s`; a command peer has only the last two, so its other cells stay empty.
+and `wall_s`; a command peer has only the last two, and llama.cpp only speeds of batch-1 cases and
+peak RSS, so their other cells stay empty.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def find_case(result: dict | None, case: Case) -> dict | None:
 
 
 def _per_case(case: Case, key: str, scale: float = 1.0) -> Callable[[dict], float | None]:
-    return lambda result: None if (found := find_case(result, case)) is None else found[key] / scale
+    return lambda result: None if (found := find_case(result, case)) is None or found.get(key) is None else found[key] / scale
 
 
 def _field(key: str, scale: float = 1.0) -> Callable[[dict], float | None]:
@@ -108,8 +109,8 @@ def print_table(rows: list[dict], peer_name: str) -> None:
     ])
 
 
-def print_roofline(bandwidth: float, rows: list[dict], peer_name: str) -> None:
-    print(f"\ndecode roofline: copy bandwidth {bandwidth / 1e9:.1f} GB/s; a step reads the active experts (packed), "
+def print_roofline(bandwidth: float, copy_bandwidth: float, rows: list[dict], peer_name: str) -> None:
+    print(f"\ndecode roofline: read bandwidth {bandwidth / 1e9:.1f} GB/s (copy {copy_bandwidth / 1e9:.1f}); a step reads the active experts (packed), "
           "attention, router and unembedding (bf16) and the KV cache")
     _print_aligned(["prompt", "batch", "MB/step", "ceiling tok/s", "ours", peer_name], [
         [str(r["prompt"]), str(r["batch"]), f"{r['bytes_per_step'] / 1e6:.1f}", _cell(r["ceiling_tokens_per_s"]),

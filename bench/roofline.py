@@ -18,19 +18,32 @@ from flax import nnx
 from gptoss_jax import GptOss, GptOssConfig
 
 
-def copy_bandwidth(total_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes per second moved by a large copy (read + write, best of `repeats`), on every core at once."""
+def _on_every_core(total_bytes: int, repeats: int, work) -> tuple[float, int]:
+    """(best seconds of `repeats`, bytes of the source) for `work(src_part, dst_part)` over a large
+    array split across the cores (numpy releases the GIL in copies and reductions)."""
     src = np.ones(total_bytes // 8, np.float64)
     dst = np.zeros_like(src)
     threads = os.cpu_count() or 1
     slices = [slice(i * len(src) // threads, (i + 1) * len(src) // threads) for i in range(threads)]
     best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:  # numpy copies release the GIL
+    with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             start = time.perf_counter()
-            list(pool.map(lambda part: np.copyto(dst[part], src[part]), slices))
+            list(pool.map(lambda part: work(src[part], dst[part]), slices))
             best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
+    return best, src.nbytes
+
+
+def copy_bandwidth(total_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second moved by a large copy (read + write, best of `repeats`), on every core at once."""
+    seconds, nbytes = _on_every_core(total_bytes, repeats, np.copyto)
+    return 2 * nbytes / seconds
+
+
+def read_bandwidth(total_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second read by a large sum (what a decode step does to its weights), on every core."""
+    seconds, nbytes = _on_every_core(total_bytes, repeats, lambda src, dst: np.add.reduce(src))
+    return nbytes / seconds
 
 
 def abstract_model(config: GptOssConfig, expert_format: str) -> GptOss:

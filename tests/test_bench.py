@@ -14,6 +14,7 @@ BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings as top-level modules
 
 import decode  # noqa: E402
+import llama_cpp  # noqa: E402
 import peers  # noqa: E402
 import profile_step  # noqa: E402
 import roofline  # noqa: E402
@@ -48,6 +49,29 @@ def test_tiny_beside_transformers(tmp_path):
     # Our KV cache: 2 sliding layers of 8 slots and 2 full ones of 16 + 3 slots; k and v, 2 heads of 16, bf16; int32 lengths.
     assert figures["ours"]["cases"][0]["cache_bytes"] == (2 * 8 + 2 * 19) * 2 * (2 * 2 * 16 * 2) + 2 * 4
     assert "greedy first tokens equal to transformers' in 2 of 2 rows" in finished.stdout
+
+
+def test_llama_cpp_figures_are_read_per_prompt(tmp_path, monkeypatch):
+    """What `llama_cpp.run` makes of llama-bench's JSON: a stand-in binary prints records as llama-bench
+    does (its field names, one record per test) and echoes its arguments, so the two invocations and
+    the per-prompt figures are checked here; building and running llama.cpp itself is `decode.py`'s job."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: [int(v) for v in args[args.index(flag) + 1].split(",")]
+records = [{{"n_prompt": p, "n_gen": n, "n_depth": d, "avg_ts": 1000.0 * p + 10.0 * d + n}}
+           for p in value("-p") for n in value("-n") for d in (value("-d") if "-d" in args else [0])]
+json.dump(records, sys.stdout)
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(llama_cpp, "llama_bench", lambda work_dir: fake)
+    monkeypatch.setattr(llama_cpp, "gguf_file", lambda checkpoint: tmp_path / "model.gguf")
+    result = llama_cpp.run(tmp_path, tmp_path / "ckpt", {"prompts": [16, 512], "new_tokens": 7, "repeats": 1})
+    assert [(c["prompt"], c["batch"]) for c in result["cases"]] == [(16, 1), (512, 1)]
+    assert [c["prefill_tokens_per_s"] for c in result["cases"]] == [16000.0, 512000.0]  # -p P -n 0
+    assert [c["decode_tokens_per_s"] for c in result["cases"]] == [167.0, 5127.0]  # -p 0 -n 7 -d P
+    assert result["peak_rss_bytes"] > 0
 
 
 def test_peak_rss_is_the_commands_own():
