@@ -3,9 +3,13 @@
 XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured, and runs a bf16
 matrix-vector product at 2-10 GB/s, far below memory bandwidth, so one-token decode of gpt-oss was
 bound by arithmetic, not bytes. `matvec.cc` reads each weight byte once and converts it in registers.
-It is compiled on first use with the machine's C++ compiler (`-march=native`, a few seconds, cached
-under `~/.cache/gptoss-jax/native/`), so installing the package needs no compiler; without one
-`available()` is False and the XLA formulations serve. `gptoss_jax.kernels` decides where these run.
+It is compiled on first use with the machine's C++ compiler (a few seconds, cached under
+`~/.cache/gptoss-jax/native/`), so installing the package needs no compiler; without one `available()`
+is False and the XLA formulations serve. `gptoss_jax.kernels` decides where these run.
+
+The instruction set is `GPTOSS_JAX_CPU_LEVEL` (`LEVELS`): by default all this CPU has (`-march=native`:
+AVX-512 where present, else AVX2, and aarch64's own on ARM); `avx2` or `portable` build the lower
+paths instead, to test them or to run on another machine.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("matvec.cc")
 TARGETS = {"gptoss_mxfp4_matvec": "GptossMxfp4Matvec", "gptoss_bf16_matvec": "GptossBf16Matvec"}  # XLA name: symbol
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+LEVELS = {"native": ("-march=native",), "avx2": ("-mavx2", "-mfma"), "portable": ()}  # GPTOSS_JAX_CPU_LEVEL: flags
 
 
 def _cache_dir() -> Path:
@@ -41,21 +46,29 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def level_flags() -> tuple[str, ...]:
+    """The compiler flags of the `GPTOSS_JAX_CPU_LEVEL` asked for (default `native`)."""
+    level = os.environ.get("GPTOSS_JAX_CPU_LEVEL", "native")
+    if level not in LEVELS:
+        raise ValueError(f"GPTOSS_JAX_CPU_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
+    return LEVELS[level]
+
+
 def _build() -> Path:
     """Compiles the kernel once per (source, jaxlib, flags, CPU) into the cache; atomic, so concurrent
     processes never load a half-written library."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, jax.lib.__version__.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
+    source, flags = SOURCE.read_bytes(), (*FLAGS, *level_flags())
+    key = hashlib.sha256(b"\0".join([source, jax.lib.__version__.encode(), " ".join(flags).encode(), _cpu_flags().encode()]))
     library = _cache_dir() / f"matvec-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -66,8 +79,6 @@ def _build() -> Path:
 @functools.cache
 def available() -> bool:
     """True once the kernels are compiled, loaded and registered with XLA for the CPU."""
-    if platform.machine() not in ("x86_64", "AMD64"):  # x86 intrinsics (AVX-512 where the CPU has it)
-        return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:

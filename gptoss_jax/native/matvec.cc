@@ -1,6 +1,7 @@
 // Matrix-vector products for one-token decode on CPU, as XLA FFI custom calls. Each reads every weight
 // byte once, converts it in registers and sums in float32; rows are split over XLA's own CPU thread
-// pool. Without AVX-512 scalar loops compute the same sums.
+// pool. The instruction set is the compiler's target (`native.LEVELS`): AVX-512, else AVX2 + FMA,
+// else portable scalar loops (any CPU, aarch64 included) compute the same sums.
 //
 // Both take a parameter stacked over layers plus the layer to use (and the MXFP4 one, the experts to
 // use), so a decode step hands them the stacks as they are: slicing a layer out in XLA would make it
@@ -12,7 +13,9 @@
 //   is written to memory.
 // GptossBf16Matvec: y[r] = sum_c W[layer][r, c] * x[c] for bfloat16 W [L, R, C] (a bfloat16 is the top
 //   half of a float32, so widening is a shift).
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -37,7 +40,7 @@ constexpr int kScaleBias = 127;                 // E8M0 byte s means 2^(s - kSca
 constexpr float kFp4[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 static_assert(kScaleBias == std::numeric_limits<float>::max_exponent - 1, "ScaleToFloat needs float32's bias");
-static_assert(kBytesPerBlock == 16, "Row decodes one block's bytes in the 16 lanes of an AVX-512 register");
+static_assert(kBytesPerBlock == 16, "Row decodes one block's bytes in 16 float lanes (one AVX-512 or two AVX2 registers)");
 
 // 2^(s - 127): the E8M0 byte is float32's biased exponent field.
 inline float ScaleToFloat(uint8_t s) {
@@ -70,6 +73,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Work& work) {
   while (counters->done.load() < shares) std::this_thread::yield();
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline float Sum8(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
+}
+#endif
+
 // One row: `groups` blocks of 32 values against x split into even (low nibble) and odd (high nibble)
 // halves, each [groups, 16].
 inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_even, const float* x_odd,
@@ -87,6 +98,26 @@ inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_ev
     acc = _mm512_fmadd_ps(block, _mm512_set1_ps(ScaleToFloat(scales[g])), acc);
   }
   return _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // 8 lanes at a time: a code's magnitude from an 8-entry table (vpermps), its sign bit moved to float32's.
+  const __m256 magnitudes = _mm256_loadu_ps(kFp4);
+  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8);
+  auto decode = [&](__m256i codes) {
+    __m256 magnitude = _mm256_permutevar8x32_ps(magnitudes, _mm256_and_si256(codes, seven));
+    return _mm256_xor_ps(magnitude, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(codes, eight), 28)));
+  };
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 block = _mm256_setzero_ps();
+    for (int64_t half = 0; half < kBytesPerBlock; half += 8) {
+      const int64_t at = kBytesPerBlock * g + half;
+      __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blocks + at)));
+      block = _mm256_fmadd_ps(decode(bytes), _mm256_loadu_ps(x_even + at), block);
+      block = _mm256_fmadd_ps(decode(_mm256_srli_epi32(bytes, 4)), _mm256_loadu_ps(x_odd + at), block);
+    }
+    acc = _mm256_fmadd_ps(block, _mm256_set1_ps(ScaleToFloat(scales[g])), acc);
+  }
+  return Sum8(acc);
 #else
   float acc = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
@@ -157,6 +188,13 @@ inline float Bf16Row(const uint16_t* w, const float* x, int64_t cols) {
     acc = _mm512_fmadd_ps(_mm512_castsi512_ps(widened), _mm512_loadu_ps(x + c), acc);
   }
   tail = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; c + 8 <= cols; c += 8) {
+    __m256i widened = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c))), 16);
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(widened), _mm256_loadu_ps(x + c), acc);
+  }
+  tail = Sum8(acc);
 #endif
   for (; c < cols; ++c) {
     uint32_t bits = static_cast<uint32_t>(w[c]) << 16;
