@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from gptoss_jax import GptOssConfig, moe
 from gptoss_jax.kernels import interpret
-from gptoss_jax.model import attend
+from gptoss_jax.attention import attend
 from gptoss_jax.mxfp4 import BLOCK, BYTES_PER_BLOCK
 from gptoss_jax.mxfp4 import dequantize as xla_dequantize
 from pallas_kernels.decode_attention import decode_attention

@@ -112,7 +112,7 @@ def attend(
     sinks_NG: jax.Array,
     window: int | None,
 ) -> jax.Array:
-    """`model.attend` by kernels; keys are the new tokens' (`plan` None) or those `LayerCache.attend_to` returned."""
+    """`attention.attend` by kernels; keys are the new tokens' (`plan` None) or those `LayerCache.attend_to` returned."""
     q_start_B = q_pos_BT[:, 0]
     if plan is None:  # queries and keys are the same positions
         if platform() == "tpu":

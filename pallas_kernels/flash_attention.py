@@ -301,7 +301,7 @@ def flash_attention(
     block_k: int = 64,
     interpret: bool = False,
 ) -> jax.Array:
-    """Attention with sinks, `o_BTNGD`; the same numbers as `gptoss_jax.model.attend` with query positions
+    """Attention with sinks, `o_BTNGD`; the same numbers as `gptoss_jax.attention.attend` with query positions
     `q_start_B[:, None] + arange(T)` and key positions `k_start_B[:, None] + arange(S)` (negative = absent).
 
     Differentiable in q, k, v and sinks; sinks must be finite (each row's running max starts there).

@@ -1,4 +1,4 @@
-"""Flash attention with sinks (Pallas Triton) and the splash wrapper (TPU) against `model.attend`.
+"""Flash attention with sinks (Pallas Triton) and the splash wrapper (TPU) against `attention.attend`.
 
 Numerics run in interpret mode, where Pallas fills outputs and out-of-bounds block padding with NaN, so
 an unwritten output element or an unmasked padded read shows as NaN. Shapes are odd on purpose: T = 45
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from lowering import assert_lowers, lower
 
-from gptoss_jax.model import attend
+from gptoss_jax.attention import attend
 from pallas_kernels import flash_attention as fa
 from pallas_kernels.splash import splash_attention
 

@@ -13,7 +13,7 @@ import pytest
 from lowering import assert_lowers
 
 from gptoss_jax.kv_cache import ring_plan
-from gptoss_jax.model import attend
+from gptoss_jax.attention import attend
 from pallas_kernels.decode_attention import H100_SMS, decode_attention, default_k_splits
 
 # float32: kernel and reference do the same float32 math in a different summation order (tiles,

@@ -7,7 +7,7 @@ from conftest import CONFIGS, build, forward, step
 from flax import nnx
 
 from gptoss_jax.kv_cache import full_plan, ring_plan
-from gptoss_jax.model import attend
+from gptoss_jax.attention import attend
 
 # Cached and uncached runs compute the same float32 function, summed in other orders: attention over
 # differently shaped (masked, ring-ordered) key sets, and the MoE as one grouped pass over a long chunk
