@@ -99,25 +99,26 @@ def _banded(q_BTNGD, k_BTND, v_BTND, pos_BT, sinks_NG, window: int) -> jax.Array
 
 def _in_key_chunks(q_BTNGD, k_BSND, v_BSND, q_pos_BT, k_pos_BS, sinks_NG, window, chunk: int) -> jax.Array:
     """`attend` over keys in chunks: running max `m`, normalizer `l` and unnormalized output, which
-    start as the sink alone (one logit, no value)."""
+    start as the sink alone (one logit, no value).
+
+    Each step slices its chunk out of the keys as they are (a KV cache is never padded or reordered,
+    which would copy all of it every decode step); the last chunk starts at `S - chunk`, its keys
+    before `i * chunk` already counted and masked.
+    """
     B, T, N, G, D = q_BTNGD.shape
     S = k_BSND.shape[1]
-    length = -(-S // chunk) * chunk
-
-    def chunks(x, fill):  # [B, S, ...] -> [chunks, B, chunk, ...] (the scan's axis first)
-        return jnp.moveaxis(_pad_to(x, length, fill).reshape(B, length // chunk, chunk, *x.shape[2:]), 1, 0)
-
     scale = D**-0.5
     m_BNGT = jnp.broadcast_to(sinks_NG.astype(jnp.float32)[None, :, :, None], (B, N, G, T))
 
     def finite(m):  # the running max, but 0 while it is -inf (a -inf sink and nothing seen yet)
         return jnp.where(jnp.isneginf(m), 0.0, m)
 
-    carry = (m_BNGT, jnp.exp(m_BNGT - finite(m_BNGT)), jnp.zeros((B, N, G, T, D), jnp.float32))
-
-    def step(carry, chunk_keys):
-        k_BCND, v_BCND, k_pos_BC = chunk_keys
-        visible_BCT = (k_pos_BC[:, :, None] >= 0) & (k_pos_BC[:, :, None] <= q_pos_BT[:, None, :])
+    def step(i, carry):
+        first = i * chunk
+        start = jnp.minimum(first, S - chunk)
+        k_BCND, v_BCND, k_pos_BC = (jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in (k_BSND, v_BSND, k_pos_BS))
+        new_C = start + jnp.arange(chunk) >= first
+        visible_BCT = (new_C[None, :, None] & (k_pos_BC[:, :, None] >= 0)) & (k_pos_BC[:, :, None] <= q_pos_BT[:, None, :])
         if window is not None:
             visible_BCT &= q_pos_BT[:, None, :] - k_pos_BC[:, :, None] < window
 
@@ -131,7 +132,8 @@ def _in_key_chunks(q_BTNGD, k_BSND, v_BSND, q_pos_BT, k_pos_BS, sinks_NG, window
             pv = jnp.einsum("bncgt,bcnd->bngtd", p.astype(v_BCND.dtype), v_BCND, preferred_element_type=jnp.float32)
             return m_new, l * rescale + p.sum(axis=2), acc * rescale[..., None] + pv
 
-        return jax.lax.cond(visible_BCT.any(), attend_chunk, lambda carry: carry, carry), None
+        return jax.lax.cond(visible_BCT.any(), attend_chunk, lambda carry: carry, carry)
 
-    (_, l, acc), _ = jax.lax.scan(step, carry, (chunks(k_BSND, 0), chunks(v_BSND, 0), chunks(k_pos_BS, -1)))
+    carry = (m_BNGT, jnp.exp(m_BNGT - finite(m_BNGT)), jnp.zeros((B, N, G, T, D), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, -(-S // chunk), step, carry)
     return jnp.einsum("bngtd->btngd", acc / l[..., None]).astype(v_BSND.dtype)

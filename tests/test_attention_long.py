@@ -84,3 +84,16 @@ def test_no_long_logits_are_held():
     program = jax.jit(lambda q, k, v: attend_long(q, k, v, positions[:, 960:], positions, sinks, None, same_positions=False,
                                                   key_chunk=256)).lower(q, k, v).compile().as_text()
     assert f"f32[{B},{N},1024,{G},64]" not in program and f"f32[{B},{N},256,{G},64]" in program
+
+
+def test_a_cache_is_read_where_it_is():
+    """Decoding against a long cache slices each chunk out of it: the step's scratch memory is a small
+    part of the cache (padding or reordering it into chunks copied all of it every token)."""
+    S = 4000  # not a multiple of the chunk: the last chunk is clamped, not padded
+    q, k, v, sinks = _inputs(1, S, 2)
+    positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+    step = jax.jit(lambda q, k, v: attend_long(q, k, v, positions[:, -1:], positions, sinks, None, same_positions=False,
+                                               key_chunk=256))
+    scratch = step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    assert scratch < (k.nbytes + v.nbytes) / 4, scratch
+    np.testing.assert_allclose(step(q, k, v), attend(q, k, v, positions[:, -1:], positions, sinks, None), **TOLERANCE)
