@@ -3,7 +3,7 @@
 A switch (`attention_impl`, `moe_impl`) names an algorithm; this module picks the algorithm's lowering
 for the platform (`platform()`, the only place the library asks for the backend):
 - CPU: the C++ kernels of `gptoss_jax.native` serve one-token projections (`project`) and the expert
-  products of `moe.gather` on packed experts (`cpu_kernels`); without a C++ compiler the XLA
+  products of `moe.gather` on packed experts (`cpu_kernels`); installed without them the XLA
   formulations serve. Pallas kernels run interpreted there (`interpret`), to be tested.
 - GPU: Pallas Triton kernels. TPU: Mosaic kernels and JAX's splash attention.
 A kernel without a VJP of its own trains through the VJP of the XLA formulation it stands in for

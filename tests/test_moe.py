@@ -48,7 +48,7 @@ def _program(*args) -> str:
 
 @pytest.mark.parametrize("B, T", [(1, 1), *(pytest.param(*bt, marks=pytest.mark.slow) for bt in [(2, 1), (1, 3)])])  # decode, batched decode, a few tokens
 def test_cpu_kernel_matches_xla(B, T):
-    assert kernels.cpu_kernels()  # CI's CPU has a C++ compiler
+    assert kernels.cpu_kernels()  # CI installs with the C++ kernels built
     rng = np.random.default_rng(B * 10 + T)
     experts = _experts("mxfp4", rng)
     args = (experts, *_routing(B, T, rng))

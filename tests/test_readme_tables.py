@@ -36,7 +36,7 @@ def _fit_table(header: str = memory.MARKDOWN_HEADER) -> list[str]:
 def test_fit_table_has_a_row_per_scenario_and_its_first_row_is_measured():
     # The figures are those of the decode step as it compiles here, with the C++ kernels serving the
     # one-token projections (without them XLA:CPU's temp grows by its float32 copy of the unembedding).
-    assert kernels.cpu_kernels()  # CI's CPU has a C++ compiler
+    assert kernels.cpu_kernels()  # CI installs with the C++ kernels built
     table = _fit_table()
     assert table[:2] == memory.MARKDOWN_HEADER.splitlines()
     assert len(table) == 2 + len(memory.SCENARIOS) * len(memory.CONTEXTS)

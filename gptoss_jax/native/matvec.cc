@@ -1,7 +1,9 @@
 // Matrix-vector products for one-token decode on CPU, as XLA FFI custom calls. Each reads every weight
 // byte once, converts it in registers and sums in float32; rows are split over XLA's own CPU thread
-// pool. The instruction set is the compiler's target (`native.LEVELS`): AVX-512, else AVX2 + FMA,
-// else portable scalar loops (any CPU, aarch64 included) compute the same sums.
+// pool. The instruction set is the compiler's target: CMakeLists.txt builds this file once per level
+// (`native.LEVELS`: AVX-512, AVX2 + FMA, portable scalar loops for any CPU, aarch64 included), each
+// into a library of its own whose handlers carry the level in their names (GPTOSS_LEVEL), and
+// `native` loads the best one this CPU runs (GptossCpuLevel, in the portable library).
 //
 // Both take a parameter stacked over layers plus the layer to use (and the MXFP4 one, the experts to
 // use), so a decode step hands them the stacks as they are: slicing a layer out in XLA would make it
@@ -223,7 +225,27 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
+#ifndef GPTOSS_LEVEL
+#error "build with -DGPTOSS_LEVEL=<level> (CMakeLists.txt does)"
+#endif
+#define GPTOSS_JOIN(name, level) name##_##level
+#define GPTOSS_NAME(name, level) GPTOSS_JOIN(name, level)
+
+#ifdef GPTOSS_CPU_QUERY
+// The best level this CPU (and its OS's register saving) runs: 2 = avx512, 1 = avx2, 0 = portable.
+// Only the portable library defines it, so asking never loads code the CPU might not run.
+extern "C" int GptossCpuLevel() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return 2;
+  if (avx2) return 1;
+#endif
+  return 0;
+}
+#endif
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GPTOSS_NAME(GptossMxfp4Matvec, GPTOSS_LEVEL), Mxfp4MatvecImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -233,7 +255,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16MatvecImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GPTOSS_NAME(GptossBf16Matvec, GPTOSS_LEVEL), Bf16MatvecImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
