@@ -1,4 +1,4 @@
-"""bench/kernels.py times pairs of (kernel, XLA path); on CPU both run (kernels interpreted) and must agree.
+"""bench/kernel_speed.py times pairs of (kernel, XLA path); on CPU both run (kernels interpreted) and must agree.
 
 Small shapes; float32 parameters are not involved (the pairs use bf16 inputs as on a device), so the
 bound is bf16's: outputs agree to 2^-6 of their largest magnitude (both paths accumulate in float32
@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 import kernel_runs  # noqa: E402
-import kernels as bench_kernels  # noqa: E402
+import kernel_speed as bench_kernels  # noqa: E402
 
 from gptoss_jax import GptOssConfig  # noqa: E402
 

@@ -168,7 +168,7 @@ def test_experts_mlp_matches_gather(tokens, backend):
         experts.mlp2.blocks, experts.mlp2.scales, experts.mlp2_bias, alpha=ALPHA, limit=LIMIT,
         backend=backend, interpret=True,
     )
-    want = moe.gather(experts, x_MH[None], experts_MK[None], weights_MK[None])[0]
+    want = moe._gather(experts, x_MH[None], experts_MK[None], weights_MK[None])[0]
     # float32 both; only the summation order differs (K = 64 then 96, 3 experts): measured <= 1.7e-7
     # of the largest value, allowed 2e-6.
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
@@ -196,7 +196,7 @@ def test_experts_mlp_gradients_match_gather(backend):
 
     def by_gather(x, w, b1, b2):
         changed = moe.Experts(experts.mlp1, b1, experts.mlp2, b2, alpha=ALPHA, limit=LIMIT)
-        return jnp.vdot(cotangent, moe.gather(changed, x[None], experts_MK[None], w[None])[0])
+        return jnp.vdot(cotangent, moe._gather(changed, x[None], experts_MK[None], w[None])[0])
 
     args = (x_MH, weights_MK, experts.mlp1_bias, experts.mlp2_bias)
     got = jax.grad(by_kernels, argnums=(0, 1, 2, 3))(*args)

@@ -1,4 +1,5 @@
-"""`moe.grouped` (experts applied to their sorted rows only) equals `moe.gather` (per-token reference)."""
+"""`moe.grouped` (experts applied to their sorted rows only) equals `moe._gather`, the per-token XLA
+reference (`gather` itself runs the C++ kernel on CPU; test_moe.py holds it to `_gather`)."""
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ def test_grouped_matches_gather(expert_format, used_experts, rows_per_tile):
     counts = np.bincount(np.asarray(experts_BTK).ravel(), minlength=E)
     assert (counts[[e for e in range(E) if e not in used_experts]] == 0).all() and (counts[used_experts] > 0).all()
     grouped = jax.jit(moe.grouped, static_argnums=4)(experts, tokens, experts_BTK, weights, rows_per_tile)
-    reference = jax.jit(moe.gather)(experts, tokens, experts_BTK, weights)
+    reference = jax.jit(moe._gather)(experts, tokens, experts_BTK, weights)
     scale = float(jnp.abs(reference).max())
     assert scale > 0.1
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(reference), rtol=TOL, atol=TOL * scale)
@@ -75,7 +76,7 @@ def test_gradients_match_gather(expert_format, rows_per_tile):
 
     grad = dict(argnums=(0, 1, 2), allow_int=True)
     ours = jax.jit(jax.grad(loss(lambda *a: moe.grouped(*a, rows_per_tile)), **grad))(experts, tokens, weights)
-    reference = jax.jit(jax.grad(loss(moe.gather), **grad))(experts, tokens, weights)
+    reference = jax.jit(jax.grad(loss(moe._gather), **grad))(experts, tokens, weights)
     for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
         if expected.dtype == jax.dtypes.float0:
             assert got.dtype == jax.dtypes.float0
@@ -93,7 +94,7 @@ def test_zero_weight_copies_are_dropped_not_computed():
     tokens, experts_BTK, weights = _routing(seed=3, used_experts=list(range(E)))
     dropped = jnp.asarray(np.random.default_rng(4).random((B, T, K)) < 0.3)
     weights = jnp.where(dropped, 0.0, weights)
-    reference = moe.gather(experts, tokens, experts_BTK, weights)
+    reference = moe._gather(experts, tokens, experts_BTK, weights)
     poisoned = jnp.where(dropped.all(-1, keepdims=True), jnp.float32(jnp.inf), tokens)  # tokens with no live copy
     out = jax.jit(moe.grouped)(experts, poisoned, jnp.where(dropped, 0, experts_BTK), weights)
     live = ~np.asarray(dropped.all(-1))

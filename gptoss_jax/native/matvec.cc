@@ -11,8 +11,9 @@
 //
 // GptossMxfp4Matvec: y[p, r] = sum_c W[layer, expert[p]][r, c] * x[p, c], W given packed: blocks
 //   [L, E, R, C/32, 16] (two E2M1 codes per byte, low nibble first) and E8M0 scales [L, E, R, C/32].
-//   Codes are decoded by a 16-entry table held in one AVX-512 register (vpermps); nothing dequantized
-//   is written to memory.
+//   With AVX-512, codes are decoded by a 16-entry table held in one register (vpermps) and multiplied
+//   with x in float32; with AVX2, x is rounded to int16 per block and a block is an integer dot product
+//   (`Activations`). Nothing dequantized is written to memory.
 // GptossBf16Matvec: y[r] = sum_c W[layer][r, c] * x[c] for bfloat16 W [L, R, C] (a bfloat16 is the top
 //   half of a float32, so widening is a shift).
 #if defined(__x86_64__)
@@ -20,6 +21,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -75,7 +77,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Work& work) {
   while (counters->done.load() < shares) std::this_thread::yield();
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define GPTOSS_AVX2 1
 inline float Sum8(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
@@ -83,60 +86,134 @@ inline float Sum8(__m256 v) {
 }
 #endif
 
-// One row: `groups` blocks of 32 values against x split into even (low nibble) and odd (high nibble)
-// halves, each [groups, 16].
-inline float Row(const uint8_t* blocks, const uint8_t* scales, const float* x_even, const float* x_odd,
-                 int64_t groups) {
-#if defined(__AVX512F__)
-  const __m512 table = _mm512_loadu_ps(kFp4);
-  const __m512i low_mask = _mm512_set1_epi32(15);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + kBytesPerBlock * g)));
-    __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
-    __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-    __m512 block = _mm512_mul_ps(low, _mm512_loadu_ps(x_even + kBytesPerBlock * g));
-    block = _mm512_fmadd_ps(high, _mm512_loadu_ps(x_odd + kBytesPerBlock * g), block);
-    acc = _mm512_fmadd_ps(block, _mm512_set1_ps(ScaleToFloat(scales[g])), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-  // 8 lanes at a time: a code's magnitude from an 8-entry table (vpermps), its sign bit moved to float32's.
-  const __m256 magnitudes = _mm256_loadu_ps(kFp4);
-  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8);
-  auto decode = [&](__m256i codes) {
-    __m256 magnitude = _mm256_permutevar8x32_ps(magnitudes, _mm256_and_si256(codes, seven));
-    return _mm256_xor_ps(magnitude, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(codes, eight), 28)));
-  };
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 block = _mm256_setzero_ps();
-    for (int64_t half = 0; half < kBytesPerBlock; half += 8) {
-      const int64_t at = kBytesPerBlock * g + half;
-      __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blocks + at)));
-      block = _mm256_fmadd_ps(decode(bytes), _mm256_loadu_ps(x_even + at), block);
-      block = _mm256_fmadd_ps(decode(_mm256_srli_epi32(bytes, 4)), _mm256_loadu_ps(x_odd + at), block);
-    }
-    acc = _mm256_fmadd_ps(block, _mm256_set1_ps(ScaleToFloat(scales[g])), acc);
-  }
-  return Sum8(acc);
-#else
-  float acc = 0.0f;
-  for (int64_t g = 0; g < groups; ++g) {
-    float block = 0.0f;
-    for (int64_t j = kBytesPerBlock * g; j < kBytesPerBlock * (g + 1); ++j) {
-      uint8_t byte = blocks[j];
-      block += kFp4[byte & 15] * x_even[j] + kFp4[byte >> 4] * x_odd[j];
-    }
-    acc += block * ScaleToFloat(scales[g]);
-  }
-  return acc;
-#endif
-}
-
 // The layer (and each pair's expert) must index the stack: they come from traced values, so they are
 // checked here rather than trusted.
 bool InRange(int64_t index, int64_t size) { return index >= 0 && index < size; }
+
+#if defined(GPTOSS_AVX2)
+// AVX2 has no 16-entry float lookup, and decoding codes to float32 made the kernel compute-bound (7 GB/s
+// of packed weights where bf16 rows stream at 24). So each pair's x is rounded to int16 per block of 32
+// (step max|x| / 32767: off by at most half a step, 2^-16 of the block's largest value, far below the
+// bfloat16 activations the reference multiplies) and a block is an integer dot product: a byte shuffle
+// turns codes into twice their value, vpmaddwd multiplies and sums pairs, exactly, in int32.
+class Activations {
+ public:
+  static constexpr int16_t kLargest = 32767;
+
+  Activations(const float* x, int64_t pairs, int64_t groups)
+      : groups_(groups), values_(pairs * groups * kBlock), steps_(pairs * groups) {
+    for (int64_t b = 0; b < pairs * groups; ++b) {
+      const float* block = x + b * kBlock;
+      float largest = 0.0f;
+      bool finite = true;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        largest = std::max(largest, std::fabs(block[i]));
+        finite = finite && std::isfinite(block[i]);
+      }
+      const float step = largest / kLargest;
+      // The codes decode to twice their value; a block holding inf or NaN makes its rows' sums NaN.
+      steps_[b] = finite ? step / 2 : std::numeric_limits<float>::quiet_NaN();
+      int16_t* even = values_.data() + b * kBlock;  // [even 16, odd 16]: low nibbles meet even elements
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const bool zero = step == 0.0f || !finite;
+        even[(i % 2) * kBytesPerBlock + i / 2] = zero ? 0 : static_cast<int16_t>(std::nearbyint(block[i] / step));
+      }
+    }
+  }
+
+  float Row(const uint8_t* blocks, const uint8_t* scales, int64_t pair) const {
+    const int16_t* x = values_.data() + pair * groups_ * kBlock;
+    const float* steps = steps_.data() + pair * groups_;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t first = 0; first < groups_; first += kChunk) {
+      const int64_t count = std::min(kChunk, groups_ - first);
+      acc = Blocks(blocks + kBytesPerBlock * first, scales + first, x + kBlock * first, steps + first, count, acc);
+    }
+    return Sum8(acc);
+  }
+
+ private:
+  static constexpr int64_t kChunk = 256;  // blocks whose multipliers Blocks keeps on the stack
+
+  // acc + the products of `count` blocks, each scaled by its multiplier (weight scale x activation
+  // step), computed eight at a time: the scale byte shifted into float32's exponent field.
+  static __m256 Blocks(const uint8_t* blocks, const uint8_t* scales, const int16_t* x, const float* steps,
+                       int64_t count, __m256 acc) {
+    float multipliers[kChunk];
+    int64_t g = 0;
+    for (; g + 8 <= count; g += 8) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + g)));
+      _mm256_storeu_ps(multipliers + g, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bytes, 23)), _mm256_loadu_ps(steps + g)));
+    }
+    for (; g < count; ++g) multipliers[g] = ScaleToFloat(scales[g]) * steps[g];
+    const __m128i doubled = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);  // 2 x kFp4
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (g = 0; g < count; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + kBytesPerBlock * g));
+      const __m128i low = _mm_shuffle_epi8(doubled, _mm_and_si128(bytes, nibble));
+      const __m128i high = _mm_shuffle_epi8(doubled, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+      const __m256i* xg = reinterpret_cast<const __m256i*>(x + kBlock * g);
+      const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(low), _mm256_loadu_si256(xg)),
+                                            _mm256_madd_epi16(_mm256_cvtepi8_epi16(high), _mm256_loadu_si256(xg + 1)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcast_ss(multipliers + g), acc);
+    }
+    return acc;
+  }
+
+  int64_t groups_;
+  std::vector<int16_t> values_;  // [P, groups, {even, odd}, 16]
+  std::vector<float> steps_;     // [P, groups]
+};
+#else
+// x as float32, de-interleaved once per pair: even elements meet low nibbles, odd ones high nibbles.
+class Activations {
+ public:
+  Activations(const float* x, int64_t pairs, int64_t groups) : cols_(kBlock * groups), split_(pairs * cols_) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      float* even = split_.data() + p * cols_;
+      for (int64_t c = 0; c < cols_ / 2; ++c) {
+        even[c] = x[p * cols_ + 2 * c];
+        even[cols_ / 2 + c] = x[p * cols_ + 2 * c + 1];
+      }
+    }
+  }
+
+  float Row(const uint8_t* blocks, const uint8_t* scales, int64_t pair) const {
+    const float* x_even = split_.data() + pair * cols_;
+    const float* x_odd = x_even + cols_ / 2;
+    const int64_t groups = cols_ / kBlock;
+#if defined(__AVX512F__)
+    const __m512 table = _mm512_loadu_ps(kFp4);
+    const __m512i low_mask = _mm512_set1_epi32(15);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + kBytesPerBlock * g)));
+      __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
+      __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+      __m512 block = _mm512_mul_ps(low, _mm512_loadu_ps(x_even + kBytesPerBlock * g));
+      block = _mm512_fmadd_ps(high, _mm512_loadu_ps(x_odd + kBytesPerBlock * g), block);
+      acc = _mm512_fmadd_ps(block, _mm512_set1_ps(ScaleToFloat(scales[g])), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float block = 0.0f;
+      for (int64_t j = kBytesPerBlock * g; j < kBytesPerBlock * (g + 1); ++j) {
+        uint8_t byte = blocks[j];
+        block += kFp4[byte & 15] * x_even[j] + kFp4[byte >> 4] * x_odd[j];
+      }
+      acc += block * ScaleToFloat(scales[g]);
+    }
+    return acc;
+#endif
+  }
+
+ private:
+  int64_t cols_;
+  std::vector<float> split_;  // [P, {even [C/2], odd [C/2]}]
+};
+#endif
 
 ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> expert,
@@ -155,26 +232,13 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     if (!InRange(ids[p], experts)) return ffi::Error::InvalidArgument("expert id out of range");
   }
 
-  // x de-interleaved once per pair: even elements meet low nibbles, odd ones high nibbles.
-  std::vector<float> split(pairs * cols);
-  for (int64_t p = 0; p < pairs; ++p) {
-    const float* xp = x.typed_data() + p * cols;
-    float* even = split.data() + p * cols;
-    float* odd = even + cols / 2;
-    for (int64_t c = 0; c < cols / 2; ++c) {
-      even[c] = xp[2 * c];
-      odd[c] = xp[2 * c + 1];
-    }
-  }
-
+  const Activations activations(x.typed_data(), pairs, groups);
   const int64_t matrix_rows = rows * groups;  // scale bytes per matrix (and block bytes / 16)
   ParallelFor(pool, pairs * rows, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i / rows, r = i % rows;
       const int64_t row = (l * experts + ids[p]) * matrix_rows + r * groups;  // in scale bytes
-      const float* even = split.data() + p * cols;
-      y->typed_data()[i] = Row(blocks.typed_data() + row * kBytesPerBlock, scales.typed_data() + row, even,
-                               even + cols / 2, groups);
+      y->typed_data()[i] = activations.Row(blocks.typed_data() + row * kBytesPerBlock, scales.typed_data() + row, p);
     }
   });
   return ffi::Error::Success();
@@ -190,7 +254,7 @@ inline float Bf16Row(const uint16_t* w, const float* x, int64_t cols) {
     acc = _mm512_fmadd_ps(_mm512_castsi512_ps(widened), _mm512_loadu_ps(x + c), acc);
   }
   tail = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(GPTOSS_AVX2)
   __m256 acc = _mm256_setzero_ps();
   for (; c + 8 <= cols; c += 8) {
     __m256i widened = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c))), 16);

@@ -5,7 +5,7 @@ On a GPU or TPU every kernel is timed beside the XLA formulation the model would
 the device's roofline. On a CPU there is nothing to time (Pallas runs only interpreted there), so the
 script prints what an H100 should reach: bytes moved, FLOPs and the ideal time of each kernel.
 
-    python bench/kernels.py [--preset gpt-oss-20b] [--json out.json]
+    python bench/kernel_speed.py [--preset gpt-oss-20b] [--json out.json]
 """
 
 from __future__ import annotations
