@@ -44,8 +44,11 @@ def run_processes(count: int, args: list[str], logs: Path, timeout: float = 900,
     processes, stderrs = [], []
     for i in range(count):
         stderrs.append(logs / f"stderr-{i}.txt")
+        # No persistent compilation cache (conftest sets one): processes that load their program from it
+        # hang in their first gloo collective (jax 0.12 on CPU; a fresh compile runs). Reproduced here by
+        # running this test twice with one JAX_COMPILATION_CACHE_DIR.
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(count),
-               "JAX_PROCESS_ID": str(i)}
+               "JAX_PROCESS_ID": str(i), "JAX_ENABLE_COMPILATION_CACHE": "false"}
         with stderrs[-1].open("w") as stderr:
             processes.append(subprocess.Popen([sys.executable, str(HERE / script), *args], env=env,
                                               stdout=subprocess.DEVNULL, stderr=stderr))
