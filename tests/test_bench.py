@@ -1,4 +1,5 @@
-"""bench/decode.py: end to end on the tiny preset beside transformers, and its measuring parts against known figures."""
+"""bench/decode.py: end to end on the tiny preset beside transformers, and its measuring parts against known figures;
+bench/cpu_kernels.py on the tiny preset."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))  # the bench scripts import their siblings as top-level modules
 
+import cpu_kernels  # noqa: E402
 import decode  # noqa: E402
 import llama_cpp  # noqa: E402
 import peers  # noqa: E402
@@ -127,3 +129,13 @@ def test_profile_step_lists_the_steps_ops(mode, capsys):
     out = capsys.readouterr().out
     assert f"{mode} step, tiny cut to 1 layers" in out
     assert "ThunkExecutor::Execute" in out and "$" not in out  # XLA's spans, no Python frames
+
+
+def test_cpu_kernels_times_each_kernel_at_each_level(tmp_path, capsys):
+    from gptoss_jax import native
+
+    assert cpu_kernels.main(["--preset", "tiny", "--layers", "2", "--calls", "1", "--repeats", "1", "--json", str(tmp_path / "k.json")]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    kernels = ["mxfp4 mlp1", "mxfp4 mlp2", "bf16 q", "bf16 out"]
+    assert [(r["kernel"], r["level"]) for r in rows] == [(k, level) for k in kernels for level in native.runnable_levels()]
+    assert all(r["bytes_per_s"] > 0 for r in rows) and "of read bw" in capsys.readouterr().out

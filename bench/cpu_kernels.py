@@ -1,0 +1,101 @@
+"""The C++ decode kernels (`gptoss_jax.native`) at each instruction-set level this CPU runs, beside its
+read bandwidth: how close one-token decode's matrix-vector products come to reading at memory speed.
+
+    python bench/cpu_kernels.py [--preset gpt-oss-20b] [--layers 4] [--json out.json]
+
+Random weights with the preset's shapes, stacked over `--layers` layers as the model holds them; each
+call reads a different layer (so no matrix is in cache), as decode does:
+- `mxfp4 mlp1` / `mxfp4 mlp2`: the experts one token chose (experts_per_token of them), packed;
+- `bf16 q` / `bf16 out`: attention's query and output projections.
+GB/s counts the weight bytes read (packed MXFP4: 17 bytes per 32 values); best of `--repeats` rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import roofline
+from gptoss_jax import GptOssConfig, native
+
+
+def _best_seconds(call, layers: int, calls: int, repeats: int) -> float:
+    for layer in range(layers):  # compile, and touch every layer once
+        jax.block_until_ready(call(layer))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(calls):
+            jax.block_until_ready(call(i % layers))
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def cases(config: GptOssConfig, layers: int, rng: np.random.Generator) -> list[tuple[str, int, object]]:
+    """(name, weight bytes one call reads, call(level) -> call(layer))."""
+    H, I, E, K = config.hidden_size, config.intermediate_size, config.num_experts, config.experts_per_token
+    Q = config.num_attention_heads * config.head_dim
+    experts = jnp.asarray(rng.choice(E, K, replace=False), jnp.int32)
+    found = []
+    for name, rows, cols in (("mxfp4 mlp1", 2 * I, H), ("mxfp4 mlp2", H, I)):
+        blocks = jnp.asarray(rng.integers(0, 256, (layers, E, rows, cols // 32, 16), dtype=np.uint8))
+        scales = jnp.asarray(rng.integers(120, 130, (layers, E, rows, cols // 32), dtype=np.uint8))
+        x = jnp.asarray(rng.standard_normal((K, cols)), jnp.float32)
+
+        def mxfp4(level, x=x, blocks=blocks, scales=scales):
+            run = jax.jit(lambda x, b, s, e, layer: native.mxfp4_matvec(x, b, s, e, layer, at=level))
+            return lambda layer: run(x, blocks, scales, experts, layer)
+
+        found.append((name, K * rows * cols // 32 * 17, mxfp4))
+    for name, rows, cols in (("bf16 q", Q, H), ("bf16 out", H, Q)):
+        w = jnp.asarray(rng.standard_normal((layers, rows, cols)), jnp.bfloat16)
+        x = jnp.asarray(rng.standard_normal(cols), jnp.float32)
+
+        def bf16(level, x=x, w=w):
+            run = jax.jit(lambda x, w, layer: native.bf16_matvec(x, w, layer, at=level))
+            return lambda layer: run(x, w, layer)
+
+        found.append((name, rows * cols * 2, bf16))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["tiny", "gpt-oss-20b", "gpt-oss-120b"], default="gpt-oss-20b", help="shapes (default gpt-oss-20b)")
+    parser.add_argument("--layers", type=int, default=4, metavar="N", help="layers in each stack (default 4; more than fit in cache)")
+    parser.add_argument("--calls", type=int, default=20, metavar="N", help="calls per timed round (default 20)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="timed rounds; the best is reported (default 5)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if min(args.layers, args.calls, args.repeats) < 1:
+        print("error: --layers, --calls and --repeats must be at least 1", file=sys.stderr)
+        return 2
+    if not native.available():
+        print("error: gptoss_jax was installed without its C++ kernels", file=sys.stderr)
+        return 2
+    config = GptOssConfig.from_preset(args.preset)
+    bandwidth = roofline.read_bandwidth()
+    rows = []
+    for name, nbytes, make in cases(config, args.layers, np.random.default_rng(0)):
+        for level in native.runnable_levels():
+            seconds = _best_seconds(make(level), args.layers, args.calls, args.repeats)
+            rows.append({"kernel": name, "level": level, "bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds})
+    print(f"{args.preset}: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores); weight bytes read per call, best of {args.repeats}")
+    print(f"{'kernel':<12}{'level':<10}{'MB':>8}{'ms':>9}{'GB/s':>8}{'of read bw':>12}")
+    for row in rows:
+        print(f"{row['kernel']:<12}{row['level']:<10}{row['bytes'] / 1e6:>8.1f}{row['seconds'] * 1e3:>9.2f}"
+              f"{row['bytes_per_s'] / 1e9:>8.1f}{row['bytes_per_s'] / bandwidth:>11.0%}")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
