@@ -7,15 +7,15 @@ Random weights with the preset's shapes, stacked over `--layers` layers as the m
 call reads a different layer (so no matrix is in cache), as decode does:
 - `mxfp4 mlp1` / `mxfp4 mlp2`: the experts one token chose (experts_per_token of them), packed;
 - `bf16 q` / `bf16 out`: attention's query and output projections.
-GB/s counts the weight bytes read (packed MXFP4: 17 bytes per 32 values); best of `--repeats` rounds.
+GB/s counts the weight bytes read (packed MXFP4: 17 bytes per 32 values) over the median call of `--runs`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,19 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import roofline
+from kernel_speed import median_seconds
 from gptoss_jax import GptOssConfig, native
-
-
-def _best_seconds(call, layers: int, calls: int, repeats: int) -> float:
-    for layer in range(layers):  # compile, and touch every layer once
-        jax.block_until_ready(call(layer))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(calls):
-            jax.block_until_ready(call(i % layers))
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def cases(config: GptOssConfig, layers: int, rng: np.random.Generator) -> list[tuple[str, int, object]]:
@@ -70,12 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "gpt-oss-20b", "gpt-oss-120b"], default="gpt-oss-20b", help="shapes (default gpt-oss-20b)")
     parser.add_argument("--layers", type=int, default=4, metavar="N", help="layers in each stack (default 4; more than fit in cache)")
-    parser.add_argument("--calls", type=int, default=20, metavar="N", help="calls per timed round (default 20)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="timed rounds; the best is reported (default 5)")
+    parser.add_argument("--runs", type=int, default=40, metavar="N", help="timed calls per kernel and level; the median is reported (default 40)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    if min(args.layers, args.calls, args.repeats) < 1:
-        print("error: --layers, --calls and --repeats must be at least 1", file=sys.stderr)
+    if min(args.layers, args.runs) < 1:
+        print("error: --layers and --runs must be at least 1", file=sys.stderr)
         return 2
     if not native.available():
         print("error: gptoss_jax was installed without its C++ kernels", file=sys.stderr)
@@ -85,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, nbytes, make in cases(config, args.layers, np.random.default_rng(0)):
         for level in native.runnable_levels():
-            seconds = _best_seconds(make(level), args.layers, args.calls, args.repeats)
+            call, layers = make(level), itertools.cycle(range(args.layers))  # each call reads the next layer
+            seconds = median_seconds(lambda: call(next(layers)), args.runs)
             rows.append({"kernel": name, "level": level, "bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds})
-    print(f"{args.preset}: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores); weight bytes read per call, best of {args.repeats}")
+    print(f"{args.preset}: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores); weight bytes read per call, median of {args.runs}")
     print(f"{'kernel':<12}{'level':<10}{'MB':>8}{'ms':>9}{'GB/s':>8}{'of read bw':>12}")
     for row in rows:
         print(f"{row['kernel']:<12}{row['level']:<10}{row['bytes'] / 1e6:>8.1f}{row['seconds'] * 1e3:>9.2f}"

@@ -134,7 +134,7 @@ def test_profile_step_lists_the_steps_ops(mode, capsys):
 def test_cpu_kernels_times_each_kernel_at_each_level(tmp_path, capsys):
     from gptoss_jax import native
 
-    assert cpu_kernels.main(["--preset", "tiny", "--layers", "2", "--calls", "1", "--repeats", "1", "--json", str(tmp_path / "k.json")]) == 0
+    assert cpu_kernels.main(["--preset", "tiny", "--layers", "2", "--runs", "1", "--json", str(tmp_path / "k.json")]) == 0
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
     kernels = ["mxfp4 mlp1", "mxfp4 mlp2", "bf16 q", "bf16 out"]
     assert [(r["kernel"], r["level"]) for r in rows] == [(k, level) for k in kernels for level in native.runnable_levels()]

@@ -43,10 +43,11 @@ def built_levels() -> tuple[str, ...]:
 @functools.cache
 def runnable_levels() -> tuple[str, ...]:
     """The built levels this CPU runs, best first (asked of the portable library, which any CPU runs)."""
-    if "portable" not in built_levels():
+    built = built_levels()
+    if "portable" not in built:
         return ()
     best = ctypes.CDLL(str(_library("portable"))).GptossCpuLevel()
-    return tuple(level for level in LEVELS[len(LEVELS) - 1 - best :] if level in built_levels())
+    return tuple(level for level in LEVELS[len(LEVELS) - 1 - best :] if level in built)
 
 
 def level() -> str:

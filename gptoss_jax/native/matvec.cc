@@ -21,8 +21,8 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -113,9 +113,9 @@ class Activations {
       const float step = largest / kLargest;
       // The codes decode to twice their value; a block holding inf or NaN makes its rows' sums NaN.
       steps_[b] = finite ? step / 2 : std::numeric_limits<float>::quiet_NaN();
+      const bool zero = step == 0.0f || !finite;
       int16_t* even = values_.data() + b * kBlock;  // [even 16, odd 16]: low nibbles meet even elements
       for (int64_t i = 0; i < kBlock; ++i) {
-        const bool zero = step == 0.0f || !finite;
         even[(i % 2) * kBytesPerBlock + i / 2] = zero ? 0 : static_cast<int16_t>(std::nearbyint(block[i] / step));
       }
     }
