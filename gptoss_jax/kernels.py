@@ -51,10 +51,12 @@ def cpu_kernels() -> bool:
     return platform() == "cpu" and native.available()
 
 
-def reads_stacks(tokens_per_row: int) -> bool:
-    """True where a step's layers give the C++ kernels whole parameter stacks and a layer index
-    (`stacked.LayerOf`) rather than slices XLA would copy: one-token decode on CPU, without a mesh."""
-    return tokens_per_row == 1 and cpu_kernels() and jax.sharding.get_abstract_mesh().empty
+def reads_stacks(cached: bool) -> bool:
+    """True where a step's layers see whole parameter stacks and a layer index (`stacked.LayerOf`)
+    rather than slices XLA copies out of the stacks: the C++ kernels then read a layer in place, and
+    `moe.grouped` slices out one expert at a time. Inference steps (with a cache) on CPU, without a
+    mesh; training differentiates the stacks, and a closed-over stack's gradient is a whole stack."""
+    return cached and platform() == "cpu" and jax.sharding.get_abstract_mesh().empty
 
 
 def has_attention_kernel(cached: bool) -> bool:

@@ -345,16 +345,16 @@ class GptOss(nnx.Module):
 
         The cache stacks ride in the scan's carry and each layer rewrites only its own slice, which XLA
         does in place (as scan outputs they would be a second copy of the whole cache). The parameter
-        stacks are the scan's inputs, one layer per step; for one-token decode on CPU the steps instead
+        stacks are the scan's inputs, one layer per step; for cached steps on CPU the steps instead
         close over the whole stacks and see their layer as `stacked.LayerOf`, which the C++ kernels
-        read in place (`kernels.reads_stacks`).
+        read in place and `moe.grouped` one expert at a time (`kernels.reads_stacks`).
         """
         rope = rotary_tables(self.config, positions_BT, self.dtype)
         sliding_plan, full_plan = plans if plans is not None else (None, None)
         sliding_stack, full_stack = (cache.sliding, cache.full) if cache is not None else (None, None)
         pairs = self.config.num_hidden_layers // 2
         sliding_def, sliding_state = nnx.split(self.sliding_blocks)
-        in_place = kernels.reads_stacks(x_BTH.shape[1])
+        in_place = kernels.reads_stacks(cached=cache is not None)
 
         def layer(state, index):  # layer `index` of a stack's parameters
             return stacked.layer_of(state, index) if in_place else jax.tree.map(lambda a: a[index], state)

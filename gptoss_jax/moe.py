@@ -226,8 +226,8 @@ def _sorted_rows(tile: int, experts: Experts, x_HP: jax.Array, ends_E: jax.Array
     """
 
     def one_expert(y_HP, xs):
-        matrices, end, count = xs
-        w1, w2, trained = _decoded(matrices, x_HP.dtype)  # once per expert, shared by its tiles
+        expert, end, count = xs
+        w1, w2, trained = _decoded(_expert(experts, expert), x_HP.dtype)  # once per expert, shared by its tiles
 
         def each_tile(first, mine_R, y_HP):
             out_HR = _expert_rows(experts, w1, w2, *trained, jax.lax.dynamic_slice_in_dim(x_HP, first, tile, 1))
@@ -236,7 +236,7 @@ def _sorted_rows(tile: int, experts: Experts, x_HP: jax.Array, ends_E: jax.Array
 
         return _tiles(tile, end, count, each_tile, y_HP), None
 
-    y_HP, _ = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (_per_expert(experts), ends_E, counts_E))
+    y_HP, _ = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (jnp.arange(ends_E.shape[0]), ends_E, counts_E))
     return y_HP
 
 
@@ -252,8 +252,8 @@ def _sorted_rows_backward(tile, residuals, dy_HP):
     dense = isinstance(experts.mlp1, DenseMatrices)
 
     def one_expert(dx_HP, xs):
-        matrices, end, count = xs
-        w1, w2, trained = _decoded(matrices, x_HP.dtype)
+        expert, end, count = xs
+        w1, w2, trained = _decoded(_expert(experts, expert), x_HP.dtype)
         trained = (*trained, w1, w2) if dense else trained
 
         def rows_out(rows_HR, trained):
@@ -271,7 +271,7 @@ def _sorted_rows_backward(tile, residuals, dy_HP):
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), trained)
         return _tiles(tile, end, count, each_tile, (dx_HP, zeros))
 
-    dx_HP, grads_E = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (_per_expert(experts), ends_E, counts_E))
+    dx_HP, grads_E = jax.lax.scan(one_expert, jnp.zeros_like(x_HP), (jnp.arange(ends_E.shape[0]), ends_E, counts_E))
     db1, db2, d_lora1, d_lora2, *dw = grads_E
     like = lambda grad, param: None if param is None else jax.tree.map(lambda g, p: g.astype(p.dtype), grad, param)  # noqa: E731
     d_experts = Experts(
@@ -285,8 +285,11 @@ def _sorted_rows_backward(tile, residuals, dy_HP):
 _sorted_rows.defvjp(_sorted_rows_forward, _sorted_rows_backward)
 
 
-def _per_expert(experts: Experts) -> tuple:
-    return experts.mlp1, experts.mlp2, experts.mlp1_bias, experts.mlp2_bias, experts.mlp1_lora, experts.mlp2_lora
+def _expert(experts: Experts, expert: jax.Array) -> tuple:
+    """Expert `expert`'s matrices, biases and adapters; a `stacked.LayerOf` stack is sliced at (layer,
+    expert) alone, never copying out the whole layer (380 MB of packed gpt-oss-20b experts)."""
+    per_expert = experts.mlp1, experts.mlp2, experts.mlp1_bias, experts.mlp2_bias, experts.mlp1_lora, experts.mlp2_lora
+    return jax.tree.map(lambda a: a[expert], per_expert, is_leaf=lambda a: isinstance(a, stacked.LayerOf))
 
 
 def _decoded(per_expert: tuple, dtype) -> tuple[jax.Array, jax.Array, tuple]:
@@ -340,9 +343,10 @@ def apply(impl: str, experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array,
 
 
 def _apply_here(impl: str, experts: Experts, t_BTH, experts_BTK, weights_BTK) -> jax.Array:
-    """Runs `impl` here; only `gather` takes experts as `stacked.LayerOf` (its CPU kernel reads them in place)."""
+    """Runs `impl` here. `gather` and `grouped` take experts as `stacked.LayerOf` (the CPU kernel reads
+    them in place, `grouped` slices one expert at a time); `pallas` is handed the layer."""
     algorithm = _auto(experts, experts_BTK.size) if impl == "auto" else impl
-    if algorithm != "gather":
+    if algorithm == "pallas":
         experts = stacked.resolve(experts)
     return ALGORITHMS[algorithm](experts, t_BTH, experts_BTK, weights_BTK)
 

@@ -1,11 +1,12 @@
 """One layer of a parameter stacked over layers, named but not sliced out: `LayerOf(stack, index)`.
 
 Inside the layer scan, a layer's weights sliced out of the `[L, ...]` stacks and handed to a custom call
-are copied by XLA into buffers of their own first (~100 MB per gpt-oss-20b layer and decoded token, a
-third of the token's ideal memory traffic). So for one-token decode on CPU (`kernels.reads_stacks`) the
-model runs its modules on `LayerOf` values: code that wants the array indexes it (`w[...]`, as with an
-`nnx.Variable`) and gets the slice, while the C++ kernels take the stack and the index (`parts`) and
-read the layer in place.
+or a loop are copied by XLA into buffers of their own first: ~100 MB per gpt-oss-20b layer and decoded
+token (a third of the token's ideal memory traffic), and a prefill step's 380 MB of a layer's packed
+experts (0.75 GiB of its scratch memory). So for cached steps on CPU (`kernels.reads_stacks`) the model
+runs its modules on `LayerOf` values: code that wants the array indexes it (`w[...]`, as with an
+`nnx.Variable`, or `w[e]` for one expert) and gets the slice, while the C++ kernels take the stack and
+the index (`parts`) and read the layer in place.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class LayerOf:
         return self.stack.dtype
 
     def __getitem__(self, key) -> jax.Array:
-        return jax.lax.dynamic_index_in_dim(self.stack, self.index, 0, keepdims=False)[key]
+        """The layer indexed by `key`; integer keys index the stack with the layer in one slice
+        (`layer[e]` reads expert e of the stack in place, not the whole layer first)."""
+        key = key if isinstance(key, tuple) else (key,)
+        return self.stack[(self.index, *key)]
 
     def reshape(self, *shape: int) -> LayerOf:
         """The layer reshaped (the stack's trailing axes, which XLA does without a copy)."""

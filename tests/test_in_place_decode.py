@@ -1,5 +1,6 @@
-"""One-token decode on CPU hands the C++ kernels whole parameter stacks and a layer index
-(`stacked.LayerOf`): the compiled step copies no layer's weights, and computes what slicing them does."""
+"""Cached steps on CPU see whole parameter stacks and a layer index (`stacked.LayerOf`): a one-token
+decode step copies no layer's weights (the C++ kernels read them in the stacks), a prefill step no
+layer's experts (`moe.grouped` slices one expert at a time), and both compute what slicing them does."""
 
 import dataclasses
 import re
@@ -20,19 +21,19 @@ MOVES = ("copy", "fusion", "dynamic-slice", "slice", "gather")  # the ops that c
 MATRICES = ("q", "k", "v", "out", "mlp1_blocks", "mlp1_scales", "mlp2_blocks", "mlp2_scales")  # 99.9% of the bytes
 
 
-def _decode_step(model: GptOss):
+def _step(model: GptOss):
     graph, state = nnx.split(model)
     return jax.jit(lambda state, tokens, cache: nnx.merge(graph, state).step(tokens, cache), donate_argnums=2), state
 
 
-def _layer_shapes(model: GptOss) -> set[tuple[str, tuple[int, ...]]]:
+def _layer_shapes(model: GptOss, matrices=MATRICES) -> set[tuple[str, tuple[int, ...]]]:
     """(dtype, shape) of one layer of every stacked matrix, with or without its layer axis, and of the
     K experts a token selects (what a gather of them would write). Biases, norms and the router are
     sliced (their bytes are 0.1% of a layer's)."""
     shapes = set()
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         stack = variable.get_value()
-        if str(path[-1]) in MATRICES:
+        if str(path[-1]) in matrices:
             dtype, layer = str(stack.dtype), stack.shape[1:]
             shapes |= {(dtype, layer), (dtype, (1, *layer))}
             if layer[0] == CONFIG.num_experts:
@@ -46,28 +47,47 @@ def model() -> GptOss:
     return GptOss(CONFIG, rngs=nnx.Rngs(0))
 
 
-def test_decode_step_copies_no_weights(model):
-    step, state = _decode_step(model)
-    program = step.lower(state, jnp.zeros((1, 1), jnp.int32), model.init_cache(1, 16)).compile().as_text()
-    assert "gptoss_mxfp4_matvec" in program and "gptoss_bf16_matvec" in program
-    shapes = _layer_shapes(model)
+def _copies(program: str, shapes: set) -> tuple[list, list]:
+    """(every op of `program` that writes a buffer anew, those whose buffer has one of `shapes`)."""
     written = re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} (\S+)\(", program)
     moved = [(dtype, shape, op) for dtype, shape, op in written if op in MOVES]
-    copies = [m for m in moved if (m[0].replace("u8", "uint8").replace("bf16", "bfloat16"), tuple(int(d) for d in m[1].split(",") if d)) in shapes]
+    named = lambda dtype: dtype.replace("u8", "uint8").replace("bf16", "bfloat16")  # noqa: E731
+    return moved, [m for m in moved if (named(m[0]), tuple(int(d) for d in m[1].split(",") if d)) in shapes]
+
+
+def test_decode_step_copies_no_weights(model):
+    step, state = _step(model)
+    program = step.lower(state, jnp.zeros((1, 1), jnp.int32), model.init_cache(1, 16)).compile().as_text()
+    assert "gptoss_mxfp4_matvec" in program and "gptoss_bf16_matvec" in program
+    moved, copies = _copies(program, _layer_shapes(model))
     assert len(moved) > 10 and not copies, copies  # `moved` holds the step's other fusions: the pattern matches
 
 
-def test_in_place_equals_sliced(model, monkeypatch):
-    """The same kernels on the same bytes, addressed in the stack or in a sliced copy: equal logits."""
+def test_prefill_step_copies_no_layer_of_experts():
+    """`grouped` decodes one expert at a time out of the stacks; the attention matrices are copied
+    (transposed for XLA's GEMM), at most one layer's at a time."""
+    model = GptOss(CONFIG, moe_impl="grouped", rngs=nnx.Rngs(0))
+    step, state = _step(model)
+    program = step.lower(state, jnp.zeros((1, 9), jnp.int32), model.init_cache(1, 16)).compile().as_text()
+    expert_shapes = _layer_shapes(model, [m for m in MATRICES if m.startswith("mlp")])
+    moved, copies = _copies(program, expert_shapes)
+    assert len(moved) > 10 and not copies, copies
+
+
+@pytest.mark.parametrize("moe_impl, chunk", [("auto", 1), ("grouped", 3)])
+def test_in_place_equals_sliced(model, monkeypatch, moe_impl, chunk):
+    """The same kernels on the same bytes, addressed in the stack or in a sliced copy: equal logits,
+    for one-token decode (the C++ kernels) and 3-token chunks (`grouped`)."""
+    model = GptOss(CONFIG, moe_impl=moe_impl, rngs=nnx.Rngs(0))
     tokens = [5, 17, 99, 3, 42, 8, 64, 1, 77]  # past the window of 7: the ring wraps
     runs = []
     for in_place in (True, False):
-        monkeypatch.setattr(kernels, "reads_stacks", lambda tokens_per_row, v=in_place: v and tokens_per_row == 1)
-        step, state = _decode_step(model)
+        monkeypatch.setattr(kernels, "reads_stacks", lambda cached, v=in_place: v and cached)
+        step, state = _step(model)
         cache, logits = model.init_cache(1, 16), []
-        for token in tokens:
-            out, cache = step(state, jnp.array([[token]]), cache)
-            logits.append(np.asarray(out[0, 0], np.float32))
-        runs.append(np.stack(logits))
-    # Each output row is summed by one thread in one order both ways, so nothing but the addressing differs.
+        for start in range(0, len(tokens), chunk):
+            out, cache = step(state, jnp.array([tokens[start : start + chunk]]), cache)
+            logits.append(np.asarray(out[0], np.float32))
+        runs.append(np.concatenate(logits))
+    # Each output is computed by the same ops in the same order both ways: nothing but the addressing differs.
     np.testing.assert_array_equal(runs[0], runs[1])
