@@ -134,7 +134,7 @@ def test_indices_outside_the_stack_are_an_error(layer, expert, at):
 
 
 @pytest.mark.parametrize("at", LEVELS_HERE)
-@pytest.mark.parametrize("R, C", [(1, 1), (7, 33), (601, 2880)])  # C not a multiple of 16: the scalar tail
+@pytest.mark.parametrize("R, C", [(1, 1), (7, 33), (5, 121), (601, 2880)])  # 121: every unrolled step, the single steps and the scalar tail
 def test_bf16_matvec_matches_float64(R, C, at):
     rng = np.random.default_rng(R + C)
     w = jnp.asarray(rng.standard_normal((3, R, C)), jnp.bfloat16)  # a stack of 3 layers; layer 1 is used
