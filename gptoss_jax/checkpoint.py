@@ -18,7 +18,9 @@ multi-host `load` read only the chunks its devices hold rows of.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -48,6 +50,9 @@ MARKER = "gptoss_jax.json"
 PARAMS = "params"
 CHUNK_BYTES = 64 * 2**20  # largest stored leaf
 BATCH_BYTES = 128 * 2**20  # data per Orbax partial save: fewer saves are faster, smaller ones use less memory
+# Data per Orbax read of a stacked layer (a larger parameter is read alone): a read is held twice, on the
+# host and on the device, until it is in its stack, so this bounds how far the load peaks above the model.
+READ_BYTES = 128 * 2**20
 STACKS = ("sliding_blocks", "full_blocks")  # parameters stacked on a leading layer axis
 ParamPath = tuple[str, ...]
 
@@ -133,6 +138,29 @@ def save(model: GptOss, directory: str | Path, provenance: dict[str, Any] | None
 def _set_layer(stacked: list[jax.Array], layer_values: list[jax.Array], layer: jax.Array) -> list[jax.Array]:
     """Layer `layer` of every stacked parameter of a stack, in place: one computation for them all."""
     return [jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), layer, 0) for s, v in zip(stacked, layer_values)]
+
+
+def _read_groups(layer_bytes: list[int]) -> list[list[int]]:
+    """Indices of a stack's parameters, in order, in groups of at most `READ_BYTES` of one layer (a
+    larger parameter alone)."""
+    groups: list[list[int]] = []
+    total = READ_BYTES
+    for index, nbytes in enumerate(layer_bytes):
+        if total + nbytes > READ_BYTES:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += nbytes
+    return groups
+
+
+def _return_freed_memory() -> None:
+    """Hands the heap's freed pages back to the OS: glibc keeps what the reads freed (~0.5 GiB by the
+    end of a gpt-oss-20b load). Elsewhere (no `malloc_trim`) nothing to do."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _zeros(variables: list[nnx.Variable], placements: list[Sharding]) -> list[jax.Array]:
@@ -251,16 +279,47 @@ def _load_pieces(directory: Path, pieces: list[_Piece], digests: dict[str, str])
     rows = _read_chunks(directory, {piece.keys: piece.wanted for piece in pieces}, digests)
 
     def array(piece: _Piece) -> jax.Array:
-        def shard(index: tuple[slice, ...]) -> np.ndarray:
+        chunks = rows.pop(piece.keys)
+
+        def overlapping(index: tuple[slice, ...]) -> list[tuple[str, int, int]]:
             lo, hi, _ = index[0].indices(piece.target.shape[0])
-            parts = [rows[piece.keys][c][max(lo, start) - start : min(hi, stop) - start]
-                     for c, (start, stop) in piece.spans.items() if lo < stop and start < hi]
-            rows_of_shard = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one chunk: no copy
+            return [(c, max(lo, start) - start, min(hi, stop) - start) for c, (start, stop) in piece.spans.items() if lo < stop and start < hi]
+
+        # Shards still to take each chunk (at least): a chunk is freed once its rows are copied out, and
+        # the shard they are copied into is aligned for XLA:CPU to take without a copy of its own, so a
+        # shard of several chunks is held once, not three times.
+        uses = collections.Counter(c for index in piece.placement.addressable_devices_indices_map(piece.target.shape).values()
+                                   for c, _, _ in overlapping(index))
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            parts = overlapping(index)
+            if len(parts) == 1:  # rows of one chunk: no copy
+                c, lo, hi = parts[0]
+                rows_of_shard = chunks[c][lo:hi]
+            else:
+                first = chunks[parts[0][0]]
+                rows_of_shard = _aligned_empty((sum(hi - lo for _, lo, hi in parts), *first.shape[1:]), first.dtype)
+                at = 0
+                for c, lo, hi in parts:
+                    rows_of_shard[at : at + hi - lo] = chunks[c][lo:hi]
+                    at += hi - lo
+                    uses[c] -= 1
+                    if not uses[c]:
+                        del chunks[c]
             return rows_of_shard[(slice(None), *index[1:])].astype(piece.target.dtype, copy=False)
 
         return jax.make_array_from_callback(piece.target.shape, piece.placement, shard)
 
     return [array(piece) for piece in pieces]
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array starting at a 64-byte boundary, which XLA:CPU's `device_put` aliases
+    rather than copies (numpy's own large arrays start 16 bytes past one)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def load(
@@ -275,8 +334,9 @@ def load(
     a terminal).
 
     Without a `mesh` the model lands on this process's first device; with one, every parameter is
-    built directly on it (see `sharding.RULES`). The stacks are filled in place a layer at a time, one
-    Orbax read per layer for all of its parameters, so the peak is the model plus one layer.
+    built directly on it (see `sharding.RULES`). The stacks are filled in place a layer at a time, in
+    Orbax reads of at most `READ_BYTES` of a layer (or one parameter's layer), so the peak is the model
+    plus twice a read.
 
     Multi-host: every process calls `load` with the same arguments. Each reads, from the host, only the
     stored chunks that overlap its own devices' shards and hands them to those devices alone, so no
@@ -284,8 +344,8 @@ def load(
     (`active_processes` is just this process, so Orbax sets no barrier): processes reading different
     chunks cannot wait on each other, and a missing file fails each process on its own. With a mesh over
     every process (as `sharding.make_mesh` builds) each process makes one read for the unstacked
-    parameters and one per layer of each stack, the same count everywhere, which keeps Orbax's operation
-    ids, and so later multi-process saves, in step. `_zeros` and the `_set_layer` updates are SPMD
+    parameters and the same reads per layer of each stack (grouped by global shapes), the same count
+    everywhere, which keeps Orbax's operation ids, and so later multi-process saves, in step. `_zeros` and the `_set_layer` updates are SPMD
     computations without communication that all processes run in the same order.
     """
     switches = dict(moe_impl=moe_impl, attention_impl=attention_impl, lora=lora, remat=remat)
@@ -327,13 +387,19 @@ def load(
         unstacked = [(p, v) for p, v in stored_params if p[0] not in STACKS]
         for (_, variable), value in zip(unstacked, read(unstacked, None)):
             variable.set_value(value)
-        for stack in STACKS:  # one read per layer of every parameter of the stack
+        _return_freed_memory()
+        for stack in STACKS:  # a layer at a time, in reads of at most READ_BYTES
             members = [(p, v) for p, v in stored_params if p[0] == stack]
             if not members:
                 continue
             values = _zeros([v for _, v in members], [_placements(mesh, v, stacked=True)[0] for _, v in members])
-            for layer in range(members[0][1].get_value().shape[0]):
-                values = _set_layer(values, read(members, layer), layer)
+            layers = members[0][1].get_value().shape[0]
+            for layer in range(layers):
+                for group in _read_groups([_nbytes(v.get_value()) // layers for _, v in members]):
+                    filled = _set_layer([values[i] for i in group], read([members[i] for i in group], layer), layer)
+                    for i, value in zip(group, filled):
+                        values[i] = value
+                _return_freed_memory()
             for (_, variable), value in zip(members, values):
                 variable.set_value(value)
     for param_path, variable in flat:

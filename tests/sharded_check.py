@@ -1,6 +1,6 @@
 """Sharded runs for tests/test_sharding.py, in a process of its own (the device count is fixed at start).
 
-Usage: sharded_check.py meshes OUT | save OUT | multihost OUT | bad-mesh D,E,M[,DEVICES]
+Usage: sharded_check.py meshes OUT | save OUT | multihost OUT | restore OUT | bad-mesh D,E,M[,DEVICES]
 """
 
 import os
@@ -89,6 +89,21 @@ def save_reference(out: Path) -> None:
     checkpoint.save(reference, out / "ckpt")
 
 
+def restore(out: Path) -> None:
+    """Saves with 3 experts to a chunk and loads onto one device and onto a (1, 2, 1) mesh, where each
+    shard of 4 experts spans two chunks and chunk 1 (experts 3-5) feeds both shards; OUT/restore.json
+    says, per placement, whether every loaded array equals the saved one."""
+    reference = build(CONFIG)
+    checkpoint.CHUNK_BYTES = 3 * reference.sliding_blocks.mlp.mlp1_blocks.get_value()[0, 0].nbytes
+    checkpoint.save(reference, out / "ckpt")
+    report = {}
+    for name, mesh in (("one device", None), ("(1, 2, 1)", sharding.make_mesh(1, 2, 1, config=CONFIG, devices=jax.devices()[:2]))):
+        restored = checkpoint.load(out / "ckpt", dtype="float32", mesh=mesh)
+        pairs = zip(jax.tree.leaves(nnx.state(reference)), jax.tree.leaves(nnx.state(restored)), strict=True)
+        report[name] = {"equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs), "expert_shard_rows": expert_rows(restored)}
+    (out / "restore.json").write_text(json.dumps(report, indent=2))
+
+
 def line_up(out: Path, name: str) -> None:
     """A barrier of the processes through files in OUT (a gloo collective would give up after 30 s)."""
     (out / f"{name}-{jax.process_index()}").touch()
@@ -145,7 +160,8 @@ def bad_mesh(text: str) -> None:
 if __name__ == "__main__":
     try:
         {"meshes": lambda: meshes(Path(sys.argv[2])), "save": lambda: save_reference(Path(sys.argv[2])),
-         "multihost": lambda: two_processes(Path(sys.argv[2])), "bad-mesh": lambda: bad_mesh(sys.argv[2])}[sys.argv[1]]()
+         "multihost": lambda: two_processes(Path(sys.argv[2])), "restore": lambda: restore(Path(sys.argv[2])),
+         "bad-mesh": lambda: bad_mesh(sys.argv[2])}[sys.argv[1]]()
     except BaseException:
         # Exit at once: a multi-host process would otherwise wait in jax.distributed's shutdown barrier
         # for the others (the test harness kills those when one process fails).
