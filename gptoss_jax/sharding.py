@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         raise ValueError(f"--process-id {process_id} is not in [0, --num-processes {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    cache_on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    if num_processes > 1 and cache_on and jax.devices()[0].platform == "cpu":
+        # Reproduced with jax 0.12.1: when the processes load a program from the persistent cache, they
+        # wait in its first gloo collective forever. A recompile costs seconds; a hang, the job.
+        jax.config.update("jax_enable_compilation_cache", False)
+        warnings.warn("multi-process CPU run: JAX's persistent compilation cache is off (programs loaded from it hang in their first gloo collective)", stacklevel=2)
 
 
 def _job_setting(flag: str, variable: str, value: int | None) -> int:

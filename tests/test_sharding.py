@@ -44,11 +44,10 @@ def run_processes(count: int, args: list[str], logs: Path, timeout: float = 900,
     processes, stderrs = [], []
     for i in range(count):
         stderrs.append(logs / f"stderr-{i}.txt")
-        # No persistent compilation cache (conftest sets one): processes that load their program from it
-        # hang in their first gloo collective (jax 0.12 on CPU; a fresh compile runs). Reproduced here by
-        # running this test twice with one JAX_COMPILATION_CACHE_DIR.
+        # conftest's persistent compilation cache is inherited: `sharding.initialize_distributed` must turn
+        # it off (processes that load a program from it hang in their first gloo collective, jax 0.12 on CPU).
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(count),
-               "JAX_PROCESS_ID": str(i), "JAX_ENABLE_COMPILATION_CACHE": "false"}
+               "JAX_PROCESS_ID": str(i)}
         with stderrs[-1].open("w") as stderr:
             processes.append(subprocess.Popen([sys.executable, str(HERE / script), *args], env=env,
                                               stdout=subprocess.DEVNULL, stderr=stderr))
@@ -73,6 +72,7 @@ def test_two_processes_match_one(tmp_path):
     logs.mkdir()
     results = run_processes(2, ["multihost", str(tmp_path)], logs)
     assert all(code == 0 for code, _ in results), [(code, stderr[-2000:]) for code, stderr in results]
+    assert all("persistent compilation cache is off" in stderr for _, stderr in results)  # twice in a row, it would hang
     reports = [json.loads((tmp_path / f"multihost-{i}.json").read_text()) for i in range(2)]
     for report in reports:
         assert report["processes"] == 2 and report["devices"] == 8 and report["local_devices"] == 4
