@@ -2,9 +2,9 @@
 
 A switch (`attention_impl`, `moe_impl`) names an algorithm; this module picks the algorithm's lowering
 for the platform (`platform()`, the only place the library asks for the backend):
-- CPU: the C++ kernels of `gptoss_jax.native` serve one-token projections (`project`) and the expert
-  products of `moe.gather` on packed experts (`cpu_kernels`); installed without them the XLA
-  formulations serve. Pallas kernels run interpreted there (`interpret`), to be tested.
+- CPU: the C++ kernels of `gptoss_jax.native` serve one-token projections (`project`), one-token
+  attention to a bfloat16 cache (`attend_token`) and the expert products of `moe.gather` on packed
+  experts (`cpu_kernels`); installed without them the XLA formulations serve. Pallas kernels run interpreted there (`interpret`), to be tested.
 - GPU: Pallas Triton kernels. TPU: Mosaic kernels and JAX's splash attention.
 A kernel without a VJP of its own trains through the VJP of the XLA formulation it stands in for
 (`with_reference_vjp`).
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax import native, stacked
+from gptoss_jax import attention, native, stacked
 from gptoss_jax.kv_cache import WritePlan
 from gptoss_jax.stacked import LayerOf
 from pallas_kernels.decode_attention import decode_attention
@@ -57,6 +57,25 @@ def reads_stacks(cached: bool) -> bool:
     `moe.grouped` slices out one expert at a time. Inference steps (with a cache) on CPU, without a
     mesh; training differentiates the stacks, and a closed-over stack's gradient is a whole stack."""
     return cached and platform() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
+def attends_token_on_cpu(q_BTNGD: jax.Array, keys_BSND: jax.Array) -> bool:
+    """True where one new token per row attends to a bfloat16 cache in the C++ kernel (`attend_token`):
+    on CPU, without a mesh. XLA:CPU runs that step as small GEMMs at ~2 GB/s of cache."""
+    return q_BTNGD.shape[1] == 1 and keys_BSND.dtype == jnp.bfloat16 and cpu_kernels() and jax.sharding.get_abstract_mesh().empty
+
+
+def attend_token(q_BTNGD, k_BSND, v_BSND, q_pos_BT, k_pos_BS, sinks_NG, window: int | None) -> jax.Array:
+    """`attention.attend` for one new token per row by the C++ kernel (probabilities kept in float32),
+    differentiated as `attend`."""
+
+    def kernel(q, k, v, q_pos, k_pos, sinks):
+        return native.decode_attention(q[:, 0], k, v, q_pos[:, 0], k_pos, sinks, window)[:, None].astype(v.dtype)
+
+    def reference(q, k, v, q_pos, k_pos, sinks):
+        return attention.attend(q, k, v, q_pos, k_pos, sinks, window)
+
+    return with_reference_vjp(kernel, reference)(q_BTNGD, k_BSND, v_BSND, q_pos_BT, k_pos_BS, sinks_NG)
 
 
 def has_attention_kernel(cached: bool) -> bool:

@@ -151,6 +151,8 @@ class Attention(nnx.Module):
         sinks_NG = self.sinks[...].reshape(N, G)
         if self.impl == "pallas" and kernels.has_attention_kernel(cached=cache is not None):
             o_BTNGD = kernels.attend(q_BTNGD, keys, values, q_pos_BT, plan, sinks_NG, self.window)
+        elif cache is not None and kernels.attends_token_on_cpu(q_BTNGD, keys):
+            o_BTNGD = kernels.attend_token(q_BTNGD, keys, values, q_pos_BT, k_pos, sinks_NG, self.window)
         else:
             o_BTNGD = attend_long(q_BTNGD, keys, values, q_pos_BT, k_pos, sinks_NG, self.window, same_positions=cache is None)
         wo_HNGD = self.out.get_value().reshape(self.out.shape[0], N, G, -1)

@@ -1,4 +1,5 @@
-"""C++ matrix-vector kernels for one-token decode on CPU, called from jitted code through XLA's FFI.
+"""C++ kernels for one-token decode on CPU (matrix-vector products, attention to the cache), called from
+jitted code through XLA's FFI.
 
 XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured, and runs a bf16
 matrix-vector product at 2-10 GB/s, far below memory bandwidth, so one-token decode of gpt-oss was
@@ -23,10 +24,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("matvec.cc")
 LEVELS = ("avx512", "avx2", "portable")  # best first; GptossCpuLevel's 2, 1, 0
-KERNELS = {"gptoss_mxfp4_matvec": "GptossMxfp4Matvec", "gptoss_bf16_matvec": "GptossBf16Matvec"}  # XLA name: symbol
+KERNELS = {  # XLA name: symbol
+    "gptoss_mxfp4_matvec": "GptossMxfp4Matvec", "gptoss_bf16_matvec": "GptossBf16Matvec",
+    "gptoss_decode_attention": "GptossDecodeAttention",
+}
 
 
 def _library(level: str) -> Path | None:
@@ -121,3 +126,21 @@ def bf16_matvec(x_C: jax.Array, w: jax.Array, layer: jax.Array | int = 0, *, at:
         raise ValueError(f"need bfloat16 w [L, R, C] and x [C], got w {w.dtype} {w.shape} and x {x_C.shape}")
     call = jax.ffi.ffi_call(_target("gptoss_bf16_matvec", at), jax.ShapeDtypeStruct(w.shape[1:2], jnp.float32))
     return call(x_C.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32))
+
+
+def decode_attention(
+    q_BNGD: jax.Array, k_BSND: jax.Array, v_BSND: jax.Array, q_pos_B: jax.Array, k_pos_BS: jax.Array,
+    sinks_NG: jax.Array, window: int | None, *, at: str | None = None,
+) -> jax.Array:
+    """Attention with sinks of one new token per row against a bfloat16 cache, float32 `[B, N, G, D]`
+    (CPU only; see `available`): `attention.attend`'s math, reading each cached key and value once.
+    Keys are visible by their positions `k_pos` (-1: an empty slot), so full caches and sliding rings
+    in any slot order read alike."""
+    B, N, G, D = q_BNGD.shape
+    if k_BSND.dtype != jnp.bfloat16 or v_BSND.shape != k_BSND.shape or k_BSND.shape[::2] != (B, N) or k_BSND.shape[3] != D:
+        raise ValueError(f"need bfloat16 k, v [B, S, N, D] for q [B, N, G, D] {q_BNGD.shape}, got {k_BSND.dtype} {k_BSND.shape}, {v_BSND.shape}")
+    call = jax.ffi.ffi_call(_target("gptoss_decode_attention", at), jax.ShapeDtypeStruct(q_BNGD.shape, jnp.float32))
+    return call(
+        q_BNGD.astype(jnp.float32), k_BSND, v_BSND, q_pos_B.astype(jnp.int32), k_pos_BS.astype(jnp.int32),
+        sinks_NG.astype(jnp.float32), window=np.int64(window or 0),
+    )

@@ -21,20 +21,18 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "gptoss_jax/native/parallel.h"
 
 namespace {
+
+using gptoss::InRange;
+using gptoss::ParallelFor;
 
 // The MXFP4 format as defined in pallas_kernels/mxfp4_format.py; tests/test_native.py checks these
 // literals against it.
@@ -54,29 +52,6 @@ inline float ScaleToFloat(uint8_t s) {
   return f;
 }
 
-// Runs work(begin, end) over [0, total) in shares taken by the calling thread and by tasks on XLA's
-// CPU thread pool (threads of our own would oversubscribe the cores XLA already keeps busy). The
-// caller waits only for shares that were started; a task the pool runs late finds none left and
-// touches nothing but the shared counters it owns a reference to.
-template <typename Work>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, const Work& work) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
-  const int64_t shares = std::clamp<int64_t>(total / 256, 1, 4 * workers);  // a few per worker, for balance
-  const int64_t size = (total + shares - 1) / shares;
-  auto counters = std::make_shared<Counters>();
-  auto take_shares = [counters, shares, size, total, &work] {
-    for (int64_t s; (s = counters->next.fetch_add(1)) < shares; counters->done.fetch_add(1)) {
-      work(std::min(total, s * size), std::min(total, (s + 1) * size));
-    }
-  };
-  for (int64_t t = 1; t < std::min(workers, shares); ++t) pool.Schedule(decltype(take_shares)(take_shares));
-  take_shares();
-  while (counters->done.load() < shares) std::this_thread::yield();
-}
-
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define GPTOSS_AVX2 1
 inline float Sum8(__m256 v) {
@@ -85,10 +60,6 @@ inline float Sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
 }
 #endif
-
-// The layer (and each pair's expert) must index the stack: they come from traced values, so they are
-// checked here rather than trusted.
-bool InRange(int64_t index, int64_t size) { return index >= 0 && index < size; }
 
 #if defined(GPTOSS_AVX2)
 // AVX2 has no 16-entry float lookup, and decoding codes to float32 made the kernel compute-bound (7 GB/s
@@ -246,7 +217,7 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 
   const Activations activations(x.typed_data(), pairs, groups);
   const int64_t matrix_rows = rows * groups;  // scale bytes per matrix (and block bytes / 16)
-  ParallelFor(pool, pairs * rows, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, pairs * rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i / rows, r = i % rows;
       const int64_t row = (l * experts + ids[p]) * matrix_rows + r * groups;  // in scale bytes
@@ -303,19 +274,13 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t l = layer.typed_data()[0];
   if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
   const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data()) + l * rows * cols;
-  ParallelFor(pool, rows, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) y->typed_data()[r] = Bf16Row(weights + r * cols, x.typed_data(), cols);
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
-
-#ifndef GPTOSS_LEVEL
-#error "build with -DGPTOSS_LEVEL=<level> (CMakeLists.txt does)"
-#endif
-#define GPTOSS_JOIN(name, level) name##_##level
-#define GPTOSS_NAME(name, level) GPTOSS_JOIN(name, level)
 
 #ifdef GPTOSS_CPU_QUERY
 // The best level this CPU (and its OS's register saving) runs: 2 = avx512, 1 = avx2, 0 = portable.
