@@ -1,13 +1,16 @@
 """The C++ decode kernels (`gptoss_jax.native`) at each instruction-set level this CPU runs, beside its
-read bandwidth: how close one-token decode's matrix-vector products come to reading at memory speed.
+read bandwidth: how close one-token decode's matrix-vector products and cache attention come to reading
+at memory speed.
 
     python bench/cpu_kernels.py [--preset gpt-oss-20b] [--layers 4] [--json out.json]
 
 Random weights with the preset's shapes, stacked over `--layers` layers as the model holds them; each
 call reads a different layer (so no matrix is in cache), as decode does:
 - `mxfp4 mlp1` / `mxfp4 mlp2`: the experts one token chose (experts_per_token of them), packed;
-- `bf16 q` / `bf16 out`: attention's query and output projections.
-GB/s counts the weight bytes read (packed MXFP4: 17 bytes per 32 values) over the median call of `--runs`.
+- `bf16 q` / `bf16 out`: attention's query and output projections;
+- `attn 544` / `attn 4096`: one token's attention to a full layer's bfloat16 KV cache of that many keys.
+GB/s counts the bytes read (packed MXFP4: 17 bytes per 32 values; the cache's keys and values) over the
+median call of `--runs`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,18 @@ def cases(config: GptOssConfig, layers: int, rng: np.random.Generator) -> list[t
             return lambda layer: run(x, w, layer)
 
         found.append((name, rows * cols * 2, bf16))
+    N, G, D = config.num_key_value_heads, config.q_per_kv, config.head_dim
+    sinks = jnp.asarray(rng.standard_normal((N, G)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, N, G, D)), jnp.float32)
+    for keys in (544, 4096):
+        caches = [tuple(jnp.asarray(rng.standard_normal((1, keys, N, D)), jnp.bfloat16) for _ in "kv") for _ in range(layers)]
+        positions = jnp.arange(keys, dtype=jnp.int32)[None]
+
+        def attention(level, caches=caches, positions=positions, keys=keys):
+            run = jax.jit(lambda k, v: native.decode_attention(q, k, v, jnp.full((1,), keys - 1, jnp.int32), positions, sinks, None, at=level))
+            return lambda layer: run(*caches[layer])
+
+        found.append((f"attn {keys}", 2 * keys * N * D * 2, attention))
     return found
 
 
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             call, layers = make(level), itertools.cycle(range(args.layers))  # each call reads the next layer
             seconds = median_seconds(lambda: call(next(layers)), args.runs)
             rows.append({"kernel": name, "level": level, "bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds})
-    print(f"{args.preset}: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores); weight bytes read per call, median of {args.runs}")
+    print(f"{args.preset}: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores); bytes read per call, median of {args.runs}")
     print(f"{'kernel':<12}{'level':<10}{'MB':>8}{'ms':>9}{'GB/s':>8}{'of read bw':>12}")
     for row in rows:
         print(f"{row['kernel']:<12}{row['level']:<10}{row['bytes'] / 1e6:>8.1f}{row['seconds'] * 1e3:>9.2f}"

@@ -136,6 +136,6 @@ def test_cpu_kernels_times_each_kernel_at_each_level(tmp_path, capsys):
 
     assert cpu_kernels.main(["--preset", "tiny", "--layers", "2", "--runs", "1", "--json", str(tmp_path / "k.json")]) == 0
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
-    kernels = ["mxfp4 mlp1", "mxfp4 mlp2", "bf16 q", "bf16 out"]
+    kernels = ["mxfp4 mlp1", "mxfp4 mlp2", "bf16 q", "bf16 out", "attn 544", "attn 4096"]
     assert [(r["kernel"], r["level"]) for r in rows] == [(k, level) for k in kernels for level in native.runnable_levels()]
     assert all(r["bytes_per_s"] > 0 for r in rows) and "of read bw" in capsys.readouterr().out

@@ -3,8 +3,9 @@ jitted code through XLA's FFI.
 
 XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured, and runs a bf16
 matrix-vector product at 2-10 GB/s, far below memory bandwidth, so one-token decode of gpt-oss was
-bound by arithmetic, not bytes. `matvec.cc` reads each weight byte once and converts it in registers.
-`pip install` compiles it (CMakeLists.txt), once per instruction-set level in `LEVELS`, into
+bound by arithmetic, not bytes. `matvec.cc` reads each weight byte once and converts it in registers;
+`decode_attention.cc` reads each cached key and value once (XLA's small GEMMs read them at ~2 GB/s).
+`pip install` compiles them (CMakeLists.txt), once per instruction-set level in `LEVELS`, into
 `_matvec_<level>.so` beside this file; nothing is compiled at run time. Installed without a C++
 compiler, `available()` is False and the XLA formulations serve. `gptoss_jax.kernels` decides where
 these run.
