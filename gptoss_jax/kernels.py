@@ -59,6 +59,12 @@ def reads_stacks(cached: bool) -> bool:
     return cached and platform() == "cpu" and jax.sharding.get_abstract_mesh().empty
 
 
+def groups_experts_on_cpu(t_BTH: jax.Array) -> bool:
+    """True where `moe.grouped` multiplies packed experts in the C++ grouped GEMM: bfloat16 tokens, on a
+    CPU whose kernels run at the `amx` level (elsewhere its scalar loops are slower than XLA's GEMMs)."""
+    return t_BTH.dtype == jnp.bfloat16 and cpu_kernels() and native.level() == "amx"
+
+
 def attends_token_on_cpu(q_BTNGD: jax.Array, keys_BSND: jax.Array) -> bool:
     """True where one new token per row attends to a bfloat16 cache in the C++ kernel (`attend_token`):
     on CPU, without a mesh. XLA:CPU runs that step as small GEMMs at ~2 GB/s of cache."""

@@ -182,17 +182,58 @@ def grouped(
     applies it to its own rows only, `rows_per_tile` at a time (a loop with a per-expert trip count).
 
     Copies with routing weight 0 are dropped rather than multiplied by 0 (same result for finite
-    outputs); the expert-parallel dispatch sends its padding that way.
+    outputs); the expert-parallel dispatch sends its padding that way. On a CPU with AMX, packed
+    experts and bfloat16 tokens run the C++ grouped GEMM instead (`kernels.groups_experts_on_cpu`).
     """
+    reference = functools.partial(_grouped, rows_per_tile=rows_per_tile)
+    if isinstance(experts.mlp1, PackedMatrices) and kernels.groups_experts_on_cpu(t_BTH):
+        return kernels.with_reference_vjp(_grouped_by_cpu_kernel, reference)(experts, t_BTH, experts_BTK, weights_BTK)
+    return reference(experts, t_BTH, experts_BTK, weights_BTK)
+
+
+def _sorted_by_expert(experts_BTK: jax.Array, weights_BTK: jax.Array, num_experts: int) -> tuple[jax.Array, ...]:
+    """The (token, expert) copies' expert ids (dropped copies, of routing weight 0, get id E, so they sort
+    last and belong to no expert's range), their order sorted by expert, and each expert's count."""
+    expert_P = jnp.where(weights_BTK.reshape(-1) != 0, experts_BTK.reshape(-1), num_experts)
+    return expert_P, *sort_by_expert(expert_P, num_experts)
+
+
+def _grouped(
+    experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array, rows_per_tile: int | None
+) -> jax.Array:
     dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
     num_experts, pairs = experts.mlp1_bias.shape[0], B * T * K
     tile = rows_per_tile or _rows_per_tile(pairs, num_experts)
-    # Dropped copies get expert id E, so they sort last and belong to no expert's range.
-    expert_P = jnp.where(weights_BTK.reshape(pairs) != 0, experts_BTK.reshape(pairs), num_experts)
-    order_P, counts_E = sort_by_expert(expert_P, num_experts)
+    _, order_P, counts_E = _sorted_by_expert(experts_BTK, weights_BTK, num_experts)
     # Sorted rows, features first (see `_expert_rows`), plus one tile of padding so every tile read stays in bounds.
     x_HP = jnp.concatenate([t_BTH.reshape(B * T, H)[order_P // K], jnp.zeros((tile, H), dtype)]).T
     y_PH = _sorted_rows(tile, experts, x_HP, jnp.cumsum(counts_E), counts_E).T[:pairs]
+    y_BTKH = jnp.zeros_like(y_PH).at[order_P].set(y_PH).reshape(B, T, K, H)
+    return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
+
+
+def _grouped_by_cpu_kernel(experts: Experts, t_BTH: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array) -> jax.Array:
+    """`grouped`'s math with each expert's two products in the C++ grouped GEMM, on the packed bytes
+    (read in the layer stacks when the matrices are `stacked.LayerOf`)."""
+    dtype, (B, T, H), K = t_BTH.dtype, t_BTH.shape, experts_BTK.shape[-1]
+    num_experts = experts.mlp1_bias.shape[0]
+    expert_P, order_P, counts_E = _sorted_by_expert(experts_BTK, weights_BTK, num_experts)
+    kept_P = expert_P[order_P] < num_experts
+    owner_P = jnp.minimum(expert_P[order_P], num_experts - 1)  # dropped copies: any expert, zeroed below
+    x_PH = t_BTH.reshape(B * T, H)[order_P // K]
+
+    def gemm(x_PC: jax.Array, matrices: PackedMatrices) -> jax.Array:
+        """AMX multiplies bfloat16: a bfloat16 model's activations are (float32 biases would make the
+        SwiGLU's output float32, rounded here)."""
+        (blocks, layer), (scales, _) = stacked.parts(matrices.blocks), stacked.parts(matrices.scales)
+        return native.mxfp4_grouped_gemm(x_PC.astype(jnp.bfloat16), blocks, scales, counts_E, layer).astype(dtype)
+
+    u_PF = gemm(x_PH, experts.mlp1) + experts.mlp1_bias[owner_P]
+    u_PF = _plus(u_PF, experts.mlp1_lora, lambda lora: lora.take(owner_P).pairs(x_PH))
+    act_PI = clamped_swiglu(u_PF, experts.alpha, experts.limit)
+    y_PH = gemm(act_PI, experts.mlp2) + experts.mlp2_bias[owner_P]
+    y_PH = _plus(y_PH, experts.mlp2_lora, lambda lora: lora.take(owner_P).pairs(act_PI))
+    y_PH = jnp.where(kept_P[:, None], y_PH, 0)
     y_BTKH = jnp.zeros_like(y_PH).at[order_P].set(y_PH).reshape(B, T, K, H)
     return jnp.einsum("btkh,btk->bth", y_BTKH, weights_BTK.astype(dtype))
 

@@ -1,5 +1,7 @@
-"""`moe.gather`'s CPU lowering (the C++ kernel on packed experts) equals its XLA formulation, in values
-and gradients, and `auto` picks it for decode on CPU."""
+"""`moe.gather`'s and `moe.grouped`'s CPU lowerings (the C++ kernels on packed experts) equal their XLA
+formulations, in values and gradients, and `auto` picks the matvec kernel for decode on CPU."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +100,50 @@ def test_auto_picks_the_cpu_kernel_for_decode():
     rng = np.random.default_rng(5)
     args = (_experts("mxfp4", rng), *_routing(1, 1, rng))
     assert "gptoss_mxfp4_matvec" in str(jax.make_jaxpr(lambda *a: moe.apply("auto", *a))(*args))
+
+
+def _bf16(experts: moe.Experts) -> moe.Experts:
+    """A bfloat16 model's experts: biases in bfloat16 too (the packed bytes are as they are)."""
+    return dataclasses.replace(experts, mlp1_bias=experts.mlp1_bias.astype(jnp.bfloat16), mlp2_bias=experts.mlp2_bias.astype(jnp.bfloat16))
+
+
+def _grouped_in_xla(*args):
+    return moe._grouped(*args, rows_per_tile=None)
+
+
+@pytest.fixture
+def grouped_gemm_anywhere(monkeypatch):
+    """`grouped` takes the C++ grouped GEMM only on AMX CPUs; forced here, it runs at this CPU's level (the
+    same panels and tiles, multiplied by AMX or by scalar loops), so the lowering is tested on any CPU."""
+    monkeypatch.setattr(kernels, "groups_experts_on_cpu", lambda t_BTH: t_BTH.dtype == jnp.bfloat16)
+
+
+def test_grouped_cpu_kernel_matches_xla(grouped_gemm_anywhere):
+    """bfloat16 on both sides, float32 sums of the same exact products in another order: measured equal
+    here; one bfloat16 rounding of u flipped the other way moves an output by ~2^-8 of its size. A wrong
+    expert, row order or dropped-pair mask moves outputs by O(1)."""
+    rng = np.random.default_rng(6)
+    experts = _bf16(_experts("mxfp4", rng))
+    tokens, experts_BTK, weights = _routing(2, 37, rng)
+    weights = weights.at[0, 3].set(0.0).at[1, 5, 0].set(0.0)  # dropped pairs: a whole token, and one of a token's
+    args = (experts, tokens.astype(jnp.bfloat16), experts_BTK, weights)
+    assert "gptoss_mxfp4_grouped_gemm" in str(jax.make_jaxpr(moe.grouped)(*args))
+    got, want = (np.asarray(jax.jit(f)(*args), np.float32) for f in (moe.grouped, _grouped_in_xla))
+    np.testing.assert_allclose(got, want, rtol=2**-6, atol=2**-6 * np.abs(want).max())
+    assert (got[0, 3] == 0).all()
+
+
+def test_grouped_cpu_kernel_gradients_are_xlas(grouped_gemm_anywhere):
+    rng = np.random.default_rng(7)
+    experts = _bf16(_experts("mxfp4", rng))
+    tokens, experts_BTK, weights = _routing(1, 9, rng)
+
+    def loss(function):
+        return lambda experts, tokens, weights: (function(experts, tokens, experts_BTK, weights).astype(jnp.float32) ** 2).sum()
+
+    args = (experts, tokens.astype(jnp.bfloat16), weights)
+    grads = jax.jit(jax.grad(loss(moe.grouped), argnums=(0, 1, 2), allow_int=True))(*args)
+    expected = jax.jit(jax.grad(loss(_grouped_in_xla), argnums=(0, 1, 2), allow_int=True))(*args)
+    for got, want in zip(jax.tree.leaves(grads[0]) + list(grads[1:]), jax.tree.leaves(expected[0]) + list(expected[1:])):
+        if got.dtype != jax.dtypes.float0:  # the packed bytes: integers, no gradient
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))  # both are `_grouped`'s VJP

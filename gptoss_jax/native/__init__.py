@@ -1,10 +1,12 @@
-"""C++ kernels for one-token decode on CPU (matrix-vector products, attention to the cache), called from
-jitted code through XLA's FFI.
+"""C++ kernels for CPU (decode's matrix-vector products and attention to the cache, prefill's expert
+products), called from jitted code through XLA's FFI.
 
 XLA:CPU decodes packed MXFP4 at about 0.5 GB/s in every formulation we measured, and runs a bf16
 matrix-vector product at 2-10 GB/s, far below memory bandwidth, so one-token decode of gpt-oss was
 bound by arithmetic, not bytes. `matvec.cc` reads each weight byte once and converts it in registers;
 `decode_attention.cc` reads each cached key and value once (XLA's small GEMMs read them at ~2 GB/s).
+For prefill, XLA multiplies decoded bf16 experts at 100-200 GFLOP/s without AMX; `grouped_gemm.cc`
+multiplies with AMX tiles from panels decoded in cache.
 `pip install` compiles them (CMakeLists.txt), once per instruction-set level in `LEVELS`, into
 `_matvec_<level>.so` beside this file; nothing is compiled at run time. Installed without a C++
 compiler, `available()` is False and the XLA formulations serve. `gptoss_jax.kernels` decides where
@@ -27,11 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("matvec.cc")
-LEVELS = ("avx512", "avx2", "portable")  # best first; GptossCpuLevel's 2, 1, 0
+LEVELS = ("amx", "avx512", "avx2", "portable")  # best first; GptossCpuLevel's 3, 2, 1, 0
 KERNELS = {  # XLA name: symbol
     "gptoss_mxfp4_matvec": "GptossMxfp4Matvec", "gptoss_bf16_matvec": "GptossBf16Matvec",
-    "gptoss_decode_attention": "GptossDecodeAttention",
+    "gptoss_decode_attention": "GptossDecodeAttention", "gptoss_mxfp4_grouped_gemm": "GptossMxfp4GroupedGemm",
 }
 
 
@@ -118,6 +119,24 @@ def mxfp4_matvec(
         raise ValueError(f"x {x_PC.shape}, blocks {blocks.shape}, scales {scales.shape} and experts {expert_P.shape} do not match")
     call = jax.ffi.ffi_call(_target("gptoss_mxfp4_matvec", at), jax.ShapeDtypeStruct((P, R), jnp.float32))
     return call(x_PC.astype(jnp.float32), blocks, scales, jnp.asarray(layer, jnp.int32), expert_P.astype(jnp.int32))
+
+
+def mxfp4_grouped_gemm(
+    x_PC: jax.Array, blocks: jax.Array, scales: jax.Array, counts_E: jax.Array, layer: jax.Array | int = 0,
+    *, at: str | None = None,
+) -> jax.Array:
+    """`y[p] = W[layer, e] @ x[p]` in float32 for rows sorted by expert: expert e owns the `counts[e]`
+    rows after those of experts before it; rows past them are zero. For prefill: each expert's packed
+    matrix is decoded once per call, 32 rows at a time into a bfloat16 panel that stays in cache, and
+    multiplied with AMX where the level is `amx` (scalar loops elsewhere: correct, not fast). W as in
+    `mxfp4_matvec`; x is bfloat16, as AMX multiplies it."""
+    if blocks.ndim != 5 or x_PC.dtype != jnp.bfloat16:
+        raise ValueError(f"need blocks [L, E, R, C/32, 16] and bfloat16 x, got {blocks.shape} and {x_PC.dtype}")
+    L, E, R, J, _ = blocks.shape
+    if x_PC.shape[1:] != (J * 32,) or scales.shape != (L, E, R, J) or counts_E.shape != (E,):
+        raise ValueError(f"x {x_PC.shape}, blocks {blocks.shape}, scales {scales.shape} and counts {counts_E.shape} do not match")
+    call = jax.ffi.ffi_call(_target("gptoss_mxfp4_grouped_gemm", at), jax.ShapeDtypeStruct((x_PC.shape[0], R), jnp.float32))
+    return call(x_PC, blocks, scales, jnp.asarray(layer, jnp.int32), counts_E.astype(jnp.int32))
 
 
 def bf16_matvec(x_C: jax.Array, w: jax.Array, layer: jax.Array | int = 0, *, at: str | None = None) -> jax.Array:

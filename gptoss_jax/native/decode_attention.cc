@@ -19,16 +19,12 @@
 #include <limits>
 #include <vector>
 
+#include "gptoss_jax/native/formats.h"
 #include "gptoss_jax/native/parallel.h"
 
 namespace {
 
-inline float Bf16ToFloat(uint16_t bits) {
-  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &widened, sizeof(value));
-  return value;
-}
+using gptoss::Bf16ToFloat;
 
 constexpr int64_t kLanes = 8;  // partial sums per dot product: one AVX2 register, which the compiler fills
 

@@ -1,0 +1,249 @@
+// The experts' products for prefill on CPU, as an XLA FFI custom call: rows sorted by expert, each
+// multiplied by its expert's packed MXFP4 matrix. XLA:CPU multiplies decoded bfloat16 experts at
+// 100-200 GFLOP/s and writes every decoded expert to memory first; Intel's AMX multiplies tiles of
+// bfloat16 at several times that, and here a decoded panel of weights lives in L2 only.
+//
+// GptossMxfp4GroupedGemm: y[p, r] = sum_c W[layer, e][r, c] * x[p, c] for the rows p that expert e owns:
+//   expert e owns rows [start_e, start_e + counts[e]) with start_e the running sum of counts; rows past
+//   the last expert's are zero. x [P, C] bfloat16, blocks [L, E, R, C/32, 16], scales [L, E, R, C/32],
+//   layer a scalar, counts [E] int32; y [P, R] float32.
+//
+// Work items are (expert, panel of 32 weight rows). An item decodes its panel once into bfloat16,
+// exactly `mxfp4.dequantize`'s values (a code times 2^(s - 127), two significant bits), then multiplies
+// it with each tile of 32 of the expert's rows. The weights are AMX's A operand, so a decoded block is
+// a tile row as it stands (a byte's two codes are adjacent elements), and x is the B operand, repacked
+// once per call into AMX's pairs-of-K layout. Without AMX, the same panels and tiles meet a scalar
+// multiply (correct everywhere, and how the tests cover the indexing on any CPU; the model uses this
+// kernel only where AMX runs it).
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "gptoss_jax/native/formats.h"
+#include "gptoss_jax/native/parallel.h"
+
+namespace {
+
+using gptoss::Bf16Bits;
+using gptoss::Bf16ToFloat;
+using gptoss::InRange;
+using gptoss::kBlock;
+using gptoss::kFp4;
+using gptoss::ParallelFor;
+using gptoss::ScaleToFloat;
+
+constexpr int64_t kPairs = gptoss::kBytesPerBlock;  // a block's bytes: pairs of adjacent values
+constexpr int64_t kTile = 16;                       // rows of an AMX tile (and bfloat16 pairs across one)
+constexpr int64_t kPanel = 2 * kTile;               // weight rows per work item; tokens per token tile
+
+// One expert's run of rows [first, first + count), count <= kPanel.
+struct TokenTile {
+  int64_t expert, first, count;
+};
+
+// Decodes weight rows [r0, r0 + kPanel) of one expert (rows past `rows` are zero) into `panel`
+// [groups][kPanel][kBlock] bfloat16: block g of the panel is the A tiles of K step g.
+void DecodePanel(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t groups, int64_t r0, uint16_t* panel) {
+  for (int64_t i = 0; i < kPanel; ++i) {
+    const int64_t r = r0 + i;
+    for (int64_t g = 0; g < groups; ++g) {
+      uint16_t* out = panel + (g * kPanel + i) * kBlock;
+      if (r >= rows) {
+        std::fill(out, out + kBlock, uint16_t{0});
+        continue;
+      }
+      const uint8_t* bytes = blocks + (r * groups + g) * kPairs;
+      const float scale = ScaleToFloat(scales[r * groups + g]);
+#if defined(__AVX512BF16__)
+      // The 16 values times the scale, as bfloat16 in both halves of a register: a 32-entry table that
+      // vpermw reads by each index's low five bits. Lane j of the widened bytes is the index pair
+      // (byte j, byte j >> 4): elements 2j and 2j + 1.
+      const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(kFp4), _mm512_set1_ps(scale));
+      __m512bh packed = _mm512_cvtne2ps_pbh(values, values);
+      const __m512i table = reinterpret_cast<const __m512i&>(packed);
+      const __m512i widened = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+      _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_or_si512(widened, _mm512_slli_epi32(widened, 12)), table));
+#else
+      for (int64_t j = 0; j < kPairs; ++j) {
+        out[2 * j] = Bf16Bits(kFp4[bytes[j] & 15] * scale);
+        out[2 * j + 1] = Bf16Bits(kFp4[bytes[j] >> 4] * scale);
+      }
+#endif
+    }
+  }
+}
+
+// x's rows of one token tile as B operands: [groups][2 halves of kTile tokens][kPairs][kTile] pairs of
+// bfloat16 (a uint32 each), tokens past the tile's count zero.
+void RepackTokens(const uint16_t* x, int64_t cols, const TokenTile& tile, uint32_t* out) {
+  const int64_t groups = cols / kBlock;
+  std::fill(out, out + groups * kPanel * kPairs, uint32_t{0});
+  for (int64_t t = 0; t < tile.count; ++t) {
+    const uint16_t* row = x + (tile.first + t) * cols;
+    for (int64_t g = 0; g < groups; ++g) {
+      uint32_t* block = out + ((g * 2 + t / kTile) * kPairs) * kTile + t % kTile;
+      for (int64_t j = 0; j < kPairs; ++j) std::memcpy(block + j * kTile, row + g * kBlock + 2 * j, sizeof(uint32_t));
+    }
+  }
+}
+
+// out[i][t] = panel row i . token t over all groups, for the kPanel x kPanel tile.
+#if defined(__AMX_BF16__)
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3 accumulate out (weight half a, token half b at 2a + b), 4-5 hold weight halves, 6-7 token halves.
+class TileScope {
+ public:
+  TileScope() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kTile;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+};
+
+void MultiplyTile(const uint16_t* panel, const uint32_t* tokens, int64_t groups, float* out) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint16_t* a = panel + g * kPanel * kBlock;
+    const uint32_t* b = tokens + g * kPanel * kPairs;
+    _tile_loadd(4, a, 64);
+    _tile_loadd(5, a + kTile * kBlock, 64);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + kPairs * kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  // out [kPanel weight rows][kPanel tokens]: tile 2a + b at rows 16a, columns 16b.
+  _tile_stored(0, out, kPanel * 4);
+  _tile_stored(1, out + kTile, kPanel * 4);
+  _tile_stored(2, out + kTile * kPanel, kPanel * 4);
+  _tile_stored(3, out + kTile * kPanel + kTile, kPanel * 4);
+}
+
+// Linux grants AMX's 8 KB of tile state per process on request.
+bool AmxPermitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+}
+#else
+struct TileScope {};
+
+void MultiplyTile(const uint16_t* panel, const uint32_t* tokens, int64_t groups, float* out) {
+  std::fill(out, out + kPanel * kPanel, 0.0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const uint16_t* w = panel + (g * kPanel + i) * kBlock;
+      for (int64_t t = 0; t < kPanel; ++t) {
+        const uint32_t* pairs = tokens + (g * 2 + t / kTile) * kPairs * kTile + t % kTile;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < kPairs; ++j) {
+          sum += Bf16ToFloat(w[2 * j]) * Bf16ToFloat(static_cast<uint16_t>(pairs[j * kTile])) +
+                 Bf16ToFloat(w[2 * j + 1]) * Bf16ToFloat(static_cast<uint16_t>(pairs[j * kTile] >> 16));
+        }
+        out[i * kPanel + t] += sum;
+      }
+    }
+  }
+}
+
+bool AmxPermitted() { return true; }
+#endif
+
+ffi::Error GroupedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> blocks,
+                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> counts,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  auto bdims = blocks.dimensions();
+  if (bdims.size() != 5 || bdims[4] != kPairs) return ffi::Error::InvalidArgument("blocks must be [L, E, R, C/32, 16]");
+  const int64_t layers = bdims[0], experts = bdims[1], rows = bdims[2], groups = bdims[3], cols = kBlock * groups;
+  auto xdims = x.dimensions();
+  if (xdims.size() != 2 || xdims[1] != cols) return ffi::Error::InvalidArgument("x must be [P, C]");
+  const int64_t pairs = xdims[0];
+  if (scales.element_count() != layers * experts * rows * groups) return ffi::Error::InvalidArgument("scales must be [L, E, R, C/32]");
+  if (counts.element_count() != experts) return ffi::Error::InvalidArgument("counts must be [E]");
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  if (!AmxPermitted()) return ffi::Error::Internal("Linux refused AMX's tile state (arch_prctl ARCH_REQ_XCOMP_PERM)");
+
+  std::vector<TokenTile> tiles;
+  int64_t owned = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t count = counts.typed_data()[e];
+    if (count < 0 || owned + count > pairs) return ffi::Error::InvalidArgument("counts must be >= 0 and sum to at most P");
+    for (int64_t first = owned; first < owned + count; first += kPanel) tiles.push_back({e, first, std::min(kPanel, owned + count - first)});
+    owned += count;
+  }
+  float* out = y->typed_data();
+  std::fill(out + owned * rows, out + pairs * rows, 0.0f);
+
+  const auto* x_bits = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const int64_t tile_words = groups * kPanel * kPairs;
+  std::vector<uint32_t> tokens(tiles.size() * tile_words);
+  ParallelFor(pool, static_cast<int64_t>(tiles.size()), 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) RepackTokens(x_bits, cols, tiles[t], tokens.data() + t * tile_words);
+  });
+
+  // Items (expert, panel), experts with rows only; an expert's tiles are consecutive in `tiles`.
+  struct Item {
+    int64_t expert, r0, first_tile, end_tile;
+  };
+  std::vector<Item> items;
+  for (int64_t t = 0; t < static_cast<int64_t>(tiles.size());) {
+    int64_t end = t;
+    while (end < static_cast<int64_t>(tiles.size()) && tiles[end].expert == tiles[t].expert) ++end;
+    for (int64_t r0 = 0; r0 < rows; r0 += kPanel) items.push_back({tiles[t].expert, r0, t, end});
+    t = end;
+  }
+  const int64_t matrix = rows * groups;  // scale bytes per expert's matrix
+  ParallelFor(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    TileScope scope;
+    std::vector<uint16_t> panel(groups * kPanel * kBlock);
+    alignas(64) float product[kPanel * kPanel];
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      const int64_t at = (l * experts + item.expert) * matrix;
+      DecodePanel(blocks.typed_data() + at * kPairs, scales.typed_data() + at, rows, groups, item.r0, panel.data());
+      const int64_t panel_rows = std::min(kPanel, rows - item.r0);
+      for (int64_t t = item.first_tile; t < item.end_tile; ++t) {
+        MultiplyTile(panel.data(), tokens.data() + t * tile_words, groups, product);
+        for (int64_t token = 0; token < tiles[t].count; ++token) {
+          float* row = out + (tiles[t].first + token) * rows + item.r0;
+          for (int64_t r = 0; r < panel_rows; ++r) row[r] = product[r * kPanel + token];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GPTOSS_NAME(GptossMxfp4GroupedGemm, GPTOSS_LEVEL), GroupedGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
