@@ -9,6 +9,7 @@ call reads a different layer (so no matrix is in cache), as decode does:
 - `mxfp4 mlp1` / `mxfp4 mlp2`: the experts one token chose (experts_per_token of them), packed;
 - `bf16 q` / `bf16 out`: attention's query and output projections;
 - `attn 544` / `attn 4096`: one token's attention to a full layer's bfloat16 KV cache of that many keys.
+Then prefill's first expert product beside XLA's way of doing it (`prefill_gemms`), in GFLOP/s.
 GB/s counts the bytes read (packed MXFP4: 17 bytes per 32 values; the cache's keys and values) over the
 median call of `--runs`.
 """
@@ -27,7 +28,7 @@ import numpy as np
 
 import roofline
 from kernel_speed import median_seconds
-from gptoss_jax import GptOssConfig, native
+from gptoss_jax import GptOssConfig, mxfp4, native
 
 
 def cases(config: GptOssConfig, layers: int, rng: np.random.Generator) -> list[tuple[str, int, object]]:
@@ -70,6 +71,26 @@ def cases(config: GptOssConfig, layers: int, rng: np.random.Generator) -> list[t
     return found
 
 
+def prefill_gemms(config: GptOssConfig, rng: np.random.Generator, pairs: int = 2048) -> list[tuple[str, int, object]]:
+    """(engine, FLOPs, call) for prefill's first expert product: `pairs` (token, expert) rows spread evenly
+    over the experts (512 tokens' worth at gpt-oss-20b), each row times its expert's packed mlp1. XLA's
+    way (what `moe.grouped` does without AMX): each expert decoded to bfloat16, then a bf16 GEMM; the C++
+    grouped GEMM where this CPU runs the amx level."""
+    H, F, E = config.hidden_size, 2 * config.intermediate_size, config.num_experts
+    blocks = jnp.asarray(rng.integers(0, 256, (1, E, F, H // 32, 16), dtype=np.uint8))
+    scales = jnp.asarray(rng.integers(120, 130, (1, E, F, H // 32), dtype=np.uint8))
+    x = jnp.asarray(rng.standard_normal((pairs, H)), jnp.bfloat16)
+    counts = jnp.full((E,), pairs // E, jnp.int32)
+    xla = jax.jit(lambda x, b, s: jax.lax.map(
+        lambda e_x: jnp.einsum("fh,ph->pf", mxfp4.dequantize(b[0, e_x[0]], s[0, e_x[0]]), e_x[1]),
+        (jnp.arange(E), x[: E * (pairs // E)].reshape(E, pairs // E, H))))
+    found = [("xla", lambda: xla(x, blocks, scales))]
+    if "amx" in native.runnable_levels():
+        amx = jax.jit(lambda x, b, s: native.mxfp4_grouped_gemm(x, b, s, counts, at="amx"))
+        found.append(("amx", lambda: amx(x, blocks, scales)))
+    return [(engine, 2 * E * (pairs // E) * F * H, call) for engine, call in found]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "gpt-oss-20b", "gpt-oss-120b"], default="gpt-oss-20b", help="shapes (default gpt-oss-20b)")
@@ -96,8 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['kernel']:<12}{row['level']:<10}{row['bytes'] / 1e6:>8.1f}{row['seconds'] * 1e3:>9.2f}"
               f"{row['bytes_per_s'] / 1e9:>8.1f}{row['bytes_per_s'] / bandwidth:>11.0%}")
+    gemms = []
+    for engine, flops, call in prefill_gemms(config, np.random.default_rng(1)):
+        seconds = median_seconds(call, max(3, args.runs // 10))
+        gemms.append({"engine": engine, "flops": flops, "seconds": seconds, "flops_per_s": flops / seconds})
+    print("\nprefill: mlp1 of 2048 expert-sorted rows (512 tokens' worth), packed experts")
+    print(f"{'engine':<8}{'GFLOP':>8}{'ms':>9}{'GFLOP/s':>9}")
+    for row in gemms:
+        print(f"{row['engine']:<8}{row['flops'] / 1e9:>8.1f}{row['seconds'] * 1e3:>9.1f}{row['flops_per_s'] / 1e9:>9.0f}")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows}, indent=2) + "\n")
+        figures = {"preset": args.preset, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows, "prefill_gemms": gemms}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

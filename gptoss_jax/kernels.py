@@ -59,10 +59,11 @@ def reads_stacks(cached: bool) -> bool:
     return cached and platform() == "cpu" and jax.sharding.get_abstract_mesh().empty
 
 
-def groups_experts_on_cpu(t_BTH: jax.Array) -> bool:
-    """True where `moe.grouped` multiplies packed experts in the C++ grouped GEMM: bfloat16 tokens, on a
-    CPU whose kernels run at the `amx` level (elsewhere its scalar loops are slower than XLA's GEMMs)."""
-    return t_BTH.dtype == jnp.bfloat16 and cpu_kernels() and native.level() == "amx"
+def gemms_on_amx(x: jax.Array) -> bool:
+    """True where products of several bfloat16 rows (prefill's projections, `moe.grouped`'s experts) run
+    as the C++ GEMMs: on a CPU whose kernels run at the `amx` level (elsewhere those kernels' scalar
+    loops are slower than XLA's GEMMs). XLA:CPU reaches 100-200 GFLOP/s on bf16 GEMMs without AMX."""
+    return x.dtype == jnp.bfloat16 and cpu_kernels() and native.level() == "amx"
 
 
 def attends_token_on_cpu(q_BTNGD: jax.Array, keys_BSND: jax.Array) -> bool:
@@ -110,24 +111,30 @@ def project(spec: str, x: jax.Array, w: jax.Array | LayerOf, out_dtype=None) -> 
     """`jnp.einsum(spec, x, w)` for specs `bt<C>,<O><C>->bt<O>` (w's trailing axes contracted).
 
     One token with bfloat16 weights on CPU runs as the C++ matrix-vector kernel, at memory bandwidth:
-    XLA:CPU's dot for a single row is 10-40x slower (its fast GEMM path starts at two rows). Given a
-    `LayerOf`, the kernel reads the layer inside the stack.
+    XLA:CPU's dot for a single row is 10-40x slower (its fast GEMM path starts at two rows). More rows
+    run as the C++ AMX GEMM where `gemms_on_amx`. Given a `LayerOf`, the kernels read the layer inside
+    the stack.
     """
     out_dtype = out_dtype or x.dtype
 
     def einsum(x, w):
         return jnp.einsum(spec, x, w[...], preferred_element_type=out_dtype)
 
-    if x.shape[0] * x.shape[1] > 1 or w.dtype != jnp.bfloat16 or not cpu_kernels():
+    rows = x.shape[0] * x.shape[1]
+    if w.dtype != jnp.bfloat16 or not cpu_kernels() or (rows > 1 and not gemms_on_amx(x)):
         return einsum(x, w)
 
-    def matvec(x, w):
+    def kernel(x, w):
         kept = w.shape[: w.ndim - (x.ndim - 2)]
         stack, layer = stacked.parts(w)
-        y = native.bf16_matvec(x.reshape(-1), stack.reshape(stack.shape[0], math.prod(kept), -1), layer)
+        stack = stack.reshape(stack.shape[0], math.prod(kept), -1)
+        if rows > 1:
+            y = native.bf16_gemm(x.reshape(rows, -1), stack, layer)
+        else:
+            y = native.bf16_matvec(x.reshape(-1), stack, layer)
         return y.reshape(*x.shape[:2], *kept).astype(out_dtype)
 
-    return with_reference_vjp(matvec, einsum)(x, w)
+    return with_reference_vjp(kernel, einsum)(x, w)
 
 
 def attend(

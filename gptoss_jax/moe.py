@@ -183,10 +183,10 @@ def grouped(
 
     Copies with routing weight 0 are dropped rather than multiplied by 0 (same result for finite
     outputs); the expert-parallel dispatch sends its padding that way. On a CPU with AMX, packed
-    experts and bfloat16 tokens run the C++ grouped GEMM instead (`kernels.groups_experts_on_cpu`).
+    experts and bfloat16 tokens run the C++ grouped GEMM instead (`kernels.gemms_on_amx`).
     """
     reference = functools.partial(_grouped, rows_per_tile=rows_per_tile)
-    if isinstance(experts.mlp1, PackedMatrices) and kernels.groups_experts_on_cpu(t_BTH):
+    if isinstance(experts.mlp1, PackedMatrices) and kernels.gemms_on_amx(t_BTH):
         return kernels.with_reference_vjp(_grouped_by_cpu_kernel, reference)(experts, t_BTH, experts_BTK, weights_BTK)
     return reference(experts, t_BTH, experts_BTK, weights_BTK)
 

@@ -1,4 +1,5 @@
-"""`kernels.project`: one bfloat16 token on CPU runs the C++ kernel, which equals (and differentiates as) the einsum."""
+"""`kernels.project`: one bfloat16 token on CPU runs the C++ matvec, several the C++ AMX GEMM where
+`kernels.gemms_on_amx`; each equals (and differentiates as) the einsum."""
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,24 @@ def test_one_token_matches_einsum(name, dtype):
     np.testing.assert_allclose(ours, reference, rtol=rtol, atol=1e-5 * np.abs(reference).max())
 
 
-def test_bfloat16_output_dtype_and_more_tokens_use_einsum():
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("name", SPECS)
+def test_several_tokens_match_einsum(name, amx, monkeypatch):
+    """Several bfloat16 rows run XLA's einsum, or the C++ GEMM where `gemms_on_amx` (forced here: it then
+    runs at this CPU's level, with AMX or its scalar loops). Tolerance as for one token."""
+    monkeypatch.setattr(kernels, "gemms_on_amx", lambda x: amx)
+    spec, x_shape, w_shape = SPECS[name]
+    rng = np.random.default_rng(len(name) + 10)
+    x = jnp.asarray(rng.standard_normal((2, 3, *x_shape)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
+    program = str(jax.make_jaxpr(lambda x, w: project(spec, x, w))(x, w))
+    assert ("gptoss_bf16_gemm" in program) == amx and ("dot_general" in program) == (not amx)
+    ours = np.asarray(jax.jit(lambda x, w: project(spec, x, w))(x, w), np.float32)
+    reference = np.asarray(jnp.einsum(spec, x, w, precision="highest", preferred_element_type=jnp.float32).astype(jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(ours, reference, rtol=2**-8, atol=1e-5 * np.abs(reference).max())
+
+
+def test_bfloat16_logits_in_float32():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 1, H)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((V, H)), jnp.bfloat16)
@@ -50,8 +68,6 @@ def test_bfloat16_output_dtype_and_more_tokens_use_einsum():
     assert logits.dtype == jnp.float32
     # Same bf16 inputs, float32 sums both ways: differences are summation order only (~1e-6 relative).
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-5, atol=1e-5 * float(jnp.abs(reference).max()))
-    two = jnp.concatenate([x, x], axis=1)
-    assert "dot_general" in str(jax.make_jaxpr(lambda a, b: project("bth,vh->btv", a, b))(two, w))
 
 
 def test_one_token_gradients_are_the_einsums():

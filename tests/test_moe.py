@@ -115,20 +115,26 @@ def _grouped_in_xla(*args):
 def grouped_gemm_anywhere(monkeypatch):
     """`grouped` takes the C++ grouped GEMM only on AMX CPUs; forced here, it runs at this CPU's level (the
     same panels and tiles, multiplied by AMX or by scalar loops), so the lowering is tested on any CPU."""
-    monkeypatch.setattr(kernels, "groups_experts_on_cpu", lambda t_BTH: t_BTH.dtype == jnp.bfloat16)
+    monkeypatch.setattr(kernels, "gemms_on_amx", lambda x: x.dtype == jnp.bfloat16)
 
 
-def test_grouped_cpu_kernel_matches_xla(grouped_gemm_anywhere):
+@pytest.mark.parametrize("adapted", [False, True])  # with LoRA adapters on both matrices
+def test_grouped_cpu_kernel_matches_xla(adapted, grouped_gemm_anywhere):
     """bfloat16 on both sides, float32 sums of the same exact products in another order: measured equal
     here; one bfloat16 rounding of u flipped the other way moves an output by ~2^-8 of its size. A wrong
-    expert, row order or dropped-pair mask moves outputs by O(1)."""
+    expert, row order, adapter or dropped-pair mask moves outputs by O(1)."""
     rng = np.random.default_rng(6)
     experts = _bf16(_experts("mxfp4", rng))
+    if adapted:
+        lora = lambda out, inner: moe.LowRank(  # noqa: E731
+            jnp.asarray(rng.standard_normal((E, 4, inner)) * inner**-0.5, jnp.bfloat16),
+            jnp.asarray(rng.standard_normal((E, out, 4)), jnp.bfloat16), scale=0.5)
+        experts = dataclasses.replace(experts, mlp1_lora=lora(2 * I, H), mlp2_lora=lora(H, I))
     tokens, experts_BTK, weights = _routing(2, 37, rng)
     weights = weights.at[0, 3].set(0.0).at[1, 5, 0].set(0.0)  # dropped pairs: a whole token, and one of a token's
     args = (experts, tokens.astype(jnp.bfloat16), experts_BTK, weights)
     assert "gptoss_mxfp4_grouped_gemm" in str(jax.make_jaxpr(moe.grouped)(*args))
-    got, want = (np.asarray(jax.jit(f)(*args), np.float32) for f in (moe.grouped, _grouped_in_xla))
+    got, want = (np.asarray(jax.jit(lambda *a, f=f: f(*a))(*args), np.float32) for f in (moe.grouped, _grouped_in_xla))  # fresh traces
     np.testing.assert_allclose(got, want, rtol=2**-6, atol=2**-6 * np.abs(want).max())
     assert (got[0, 3] == 0).all()
 
@@ -142,7 +148,7 @@ def test_grouped_cpu_kernel_gradients_are_xlas(grouped_gemm_anywhere):
         return lambda experts, tokens, weights: (function(experts, tokens, experts_BTK, weights).astype(jnp.float32) ** 2).sum()
 
     args = (experts, tokens.astype(jnp.bfloat16), weights)
-    grads = jax.jit(jax.grad(loss(moe.grouped), argnums=(0, 1, 2), allow_int=True))(*args)
+    grads = jax.jit(jax.grad(loss(lambda *a: moe.grouped(*a)), argnums=(0, 1, 2), allow_int=True))(*args)
     expected = jax.jit(jax.grad(loss(_grouped_in_xla), argnums=(0, 1, 2), allow_int=True))(*args)
     for got, want in zip(jax.tree.leaves(grads[0]) + list(grads[1:]), jax.tree.leaves(expected[0]) + list(expected[1:])):
         if got.dtype != jax.dtypes.float0:  # the packed bytes: integers, no gradient

@@ -130,6 +130,18 @@ def test_grouped_gemm_matches_decoded_weights(P, R, C, counts, at):
 
 
 @pytest.mark.parametrize("at", LEVELS_HERE)
+@pytest.mark.parametrize("P, R, C", [(1, 1, 1), (37, 33, 70), (2, 64, 96)])  # partial tiles, panels and blocks (odd C); whole ones
+def test_bf16_gemm_matches_float64(P, R, C, at):
+    rng = np.random.default_rng(P + R + C)
+    w = jnp.asarray(rng.standard_normal((3, R, C)), jnp.bfloat16)  # a stack of 3 layers; layer 2 is used
+    x = jnp.asarray(rng.standard_normal((P, C)), jnp.bfloat16)
+    got = np.asarray(jax.jit(lambda x, w: native.bf16_gemm(x, w, 2, at=at))(x, w))
+    w64, x64 = np.asarray(w[2], np.float64), np.asarray(x, np.float64)
+    # float32 sums of exact products (bf16 x bf16); a wrong row, column, layer or padding is O(1) of |w| |x|.
+    np.testing.assert_array_less(np.abs(got - x64 @ w64.T), 2e-6 * (np.abs(x64) @ np.abs(w64).T) + 1e-30)
+
+
+@pytest.mark.parametrize("at", LEVELS_HERE)
 def test_grouped_gemm_counts_beyond_the_rows_are_an_error(at):
     blocks, scales = jnp.zeros((1, 2, 4, 1, 16), jnp.uint8), jnp.zeros((1, 2, 4, 1), jnp.uint8)
     for counts in ([2, 2], [-1, 1]):  # 4 rows claimed of 3; a negative count
@@ -154,6 +166,10 @@ def test_mismatched_shapes_are_an_error():
         native.mxfp4_matvec(jnp.zeros((2, 96)), blocks[0], scales[0], jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match="bfloat16 w"):
         native.bf16_matvec(jnp.zeros(3), jnp.zeros((1, 4, 3), jnp.float32))
+    with pytest.raises(ValueError, match="bfloat16 w"):
+        native.bf16_gemm(jnp.zeros((2, 3)), jnp.zeros((1, 4, 3), jnp.bfloat16))  # x must be bfloat16 too
+    with pytest.raises(ValueError, match="bfloat16 x"):
+        native.mxfp4_grouped_gemm(jnp.zeros((2, 32)), blocks[:, :, :, :1], scales[:, :, :, :1], jnp.zeros(2, jnp.int32))
 
 
 @pytest.mark.parametrize("at", LEVELS_HERE)

@@ -33,6 +33,7 @@ LEVELS = ("amx", "avx512", "avx2", "portable")  # best first; GptossCpuLevel's 3
 KERNELS = {  # XLA name: symbol
     "gptoss_mxfp4_matvec": "GptossMxfp4Matvec", "gptoss_bf16_matvec": "GptossBf16Matvec",
     "gptoss_decode_attention": "GptossDecodeAttention", "gptoss_mxfp4_grouped_gemm": "GptossMxfp4GroupedGemm",
+    "gptoss_bf16_gemm": "GptossBf16Gemm",
 }
 
 
@@ -137,6 +138,15 @@ def mxfp4_grouped_gemm(
         raise ValueError(f"x {x_PC.shape}, blocks {blocks.shape}, scales {scales.shape} and counts {counts_E.shape} do not match")
     call = jax.ffi.ffi_call(_target("gptoss_mxfp4_grouped_gemm", at), jax.ShapeDtypeStruct((x_PC.shape[0], R), jnp.float32))
     return call(x_PC, blocks, scales, jnp.asarray(layer, jnp.int32), counts_E.astype(jnp.int32))
+
+
+def bf16_gemm(x_PC: jax.Array, w: jax.Array, layer: jax.Array | int = 0, *, at: str | None = None) -> jax.Array:
+    """`x @ w[layer].T` in float32 for bfloat16 `x [P, C]` and `w [L, R, C]` (CPU only; see `available`):
+    `mxfp4_grouped_gemm`'s tiles, one group, panels copied from `w`. For prefill's projections."""
+    if w.ndim != 3 or w.dtype != jnp.bfloat16 or x_PC.dtype != jnp.bfloat16 or x_PC.shape[1:] != w.shape[2:]:
+        raise ValueError(f"need bfloat16 w [L, R, C] and x [P, C], got w {w.dtype} {w.shape} and x {x_PC.dtype} {x_PC.shape}")
+    call = jax.ffi.ffi_call(_target("gptoss_bf16_gemm", at), jax.ShapeDtypeStruct((x_PC.shape[0], w.shape[1]), jnp.float32))
+    return call(x_PC, w, jnp.asarray(layer, jnp.int32))
 
 
 def bf16_matvec(x_C: jax.Array, w: jax.Array, layer: jax.Array | int = 0, *, at: str | None = None) -> jax.Array:

@@ -3,6 +3,8 @@
 // 100-200 GFLOP/s and writes every decoded expert to memory first; Intel's AMX multiplies tiles of
 // bfloat16 at several times that, and here a decoded panel of weights lives in L2 only.
 //
+// GptossBf16Gemm: y[p, r] = sum_c W[layer][r, c] * x[p, c], all bfloat16 (x [P, C], W [L, R, C]): the
+//   projections of a prefill step, the same tiles fed from copied rather than decoded panels.
 // GptossMxfp4GroupedGemm: y[p, r] = sum_c W[layer, e][r, c] * x[p, c] for the rows p that expert e owns:
 //   expert e owns rows [start_e, start_e + counts[e]) with start_e the running sum of counts; rows past
 //   the last expert's are zero. x [P, C] bfloat16, blocks [L, E, R, C/32, 16], scales [L, E, R, C/32],
@@ -84,15 +86,28 @@ void DecodePanel(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int
 }
 
 // x's rows of one token tile as B operands: [groups][2 halves of kTile tokens][kPairs][kTile] pairs of
-// bfloat16 (a uint32 each), tokens past the tile's count zero.
-void RepackTokens(const uint16_t* x, int64_t cols, const TokenTile& tile, uint32_t* out) {
-  const int64_t groups = cols / kBlock;
-  std::fill(out, out + groups * kPanel * kPairs, uint32_t{0});
+// bfloat16 (a uint32 each); columns past `cols` and tokens past the tile's count are zero.
+void RepackTokens(const uint16_t* x, int64_t cols, int64_t groups, const TokenTile& tile, uint16_t* out) {
+  std::fill(out, out + groups * kPanel * kBlock, uint16_t{0});
   for (int64_t t = 0; t < tile.count; ++t) {
     const uint16_t* row = x + (tile.first + t) * cols;
     for (int64_t g = 0; g < groups; ++g) {
-      uint32_t* block = out + ((g * 2 + t / kTile) * kPairs) * kTile + t % kTile;
-      for (int64_t j = 0; j < kPairs; ++j) std::memcpy(block + j * kTile, row + g * kBlock + 2 * j, sizeof(uint32_t));
+      uint16_t* pairs = out + ((g * 2 + t / kTile) * kPairs * kTile + t % kTile) * 2;  // pair j at pairs + 2 kTile j
+      const int64_t width = std::min(kBlock, cols - g * kBlock);
+      for (int64_t c = 0; c < width; c += 2) std::copy_n(row + g * kBlock + c, std::min<int64_t>(2, width - c), pairs + kTile * c);
+    }
+  }
+}
+
+// Copies rows [r0, r0 + kPanel) of a bfloat16 matrix [rows, cols] into `panel` [groups][kPanel][kBlock]
+// (what DecodePanel makes of packed rows), zero past the matrix's rows and columns.
+void CopyPanel(const uint16_t* w, int64_t rows, int64_t cols, int64_t groups, int64_t r0, uint16_t* panel) {
+  for (int64_t i = 0; i < kPanel; ++i) {
+    for (int64_t g = 0; g < groups; ++g) {
+      uint16_t* out = panel + (g * kPanel + i) * kBlock;
+      const int64_t width = r0 + i < rows ? std::clamp<int64_t>(cols - g * kBlock, 0, kBlock) : 0;
+      std::copy_n(w + (r0 + i) * cols + g * kBlock, width, out);
+      std::fill(out + width, out + kBlock, uint16_t{0});
     }
   }
 }
@@ -116,18 +131,18 @@ class TileScope {
   ~TileScope() { _tile_release(); }
 };
 
-void MultiplyTile(const uint16_t* panel, const uint32_t* tokens, int64_t groups, float* out) {
+void MultiplyTile(const uint16_t* panel, const uint16_t* tokens, int64_t groups, float* out) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t g = 0; g < groups; ++g) {
     const uint16_t* a = panel + g * kPanel * kBlock;
-    const uint32_t* b = tokens + g * kPanel * kPairs;
+    const uint16_t* b = tokens + g * kPanel * kBlock;
     _tile_loadd(4, a, 64);
     _tile_loadd(5, a + kTile * kBlock, 64);
     _tile_loadd(6, b, 64);
-    _tile_loadd(7, b + kPairs * kTile, 64);
+    _tile_loadd(7, b + kPairs * kTile * 2, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
@@ -148,17 +163,16 @@ bool AmxPermitted() {
 #else
 struct TileScope {};
 
-void MultiplyTile(const uint16_t* panel, const uint32_t* tokens, int64_t groups, float* out) {
+void MultiplyTile(const uint16_t* panel, const uint16_t* tokens, int64_t groups, float* out) {
   std::fill(out, out + kPanel * kPanel, 0.0f);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i = 0; i < kPanel; ++i) {
       const uint16_t* w = panel + (g * kPanel + i) * kBlock;
       for (int64_t t = 0; t < kPanel; ++t) {
-        const uint32_t* pairs = tokens + (g * 2 + t / kTile) * kPairs * kTile + t % kTile;
+        const uint16_t* pairs = tokens + ((g * 2 + t / kTile) * kPairs * kTile + t % kTile) * 2;
         float sum = 0.0f;
         for (int64_t j = 0; j < kPairs; ++j) {
-          sum += Bf16ToFloat(w[2 * j]) * Bf16ToFloat(static_cast<uint16_t>(pairs[j * kTile])) +
-                 Bf16ToFloat(w[2 * j + 1]) * Bf16ToFloat(static_cast<uint16_t>(pairs[j * kTile] >> 16));
+          sum += Bf16ToFloat(w[2 * j]) * Bf16ToFloat(pairs[j * kTile * 2]) + Bf16ToFloat(w[2 * j + 1]) * Bf16ToFloat(pairs[j * kTile * 2 + 1]);
         }
         out[i * kPanel + t] += sum;
       }
@@ -169,43 +183,30 @@ void MultiplyTile(const uint16_t* panel, const uint32_t* tokens, int64_t groups,
 bool AmxPermitted() { return true; }
 #endif
 
-ffi::Error GroupedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> blocks,
-                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> counts,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  auto bdims = blocks.dimensions();
-  if (bdims.size() != 5 || bdims[4] != kPairs) return ffi::Error::InvalidArgument("blocks must be [L, E, R, C/32, 16]");
-  const int64_t layers = bdims[0], experts = bdims[1], rows = bdims[2], groups = bdims[3], cols = kBlock * groups;
-  auto xdims = x.dimensions();
-  if (xdims.size() != 2 || xdims[1] != cols) return ffi::Error::InvalidArgument("x must be [P, C]");
-  const int64_t pairs = xdims[0];
-  if (scales.element_count() != layers * experts * rows * groups) return ffi::Error::InvalidArgument("scales must be [L, E, R, C/32]");
-  if (counts.element_count() != experts) return ffi::Error::InvalidArgument("counts must be [E]");
-  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
-  const int64_t l = layer.typed_data()[0];
-  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+// out[p] = W_e @ x[p] for the rows p each group e owns (counts in order; rows past them zero), W_e's
+// rows coming panel by panel from fill_panel(e, r0, panel).
+template <typename FillPanel>
+ffi::Error GroupedProduct(ffi::ThreadPool& pool, const uint16_t* x, int64_t pairs, int64_t cols, int64_t rows,
+                          const std::vector<int64_t>& counts, const FillPanel& fill_panel, float* out) {
   if (!AmxPermitted()) return ffi::Error::Internal("Linux refused AMX's tile state (arch_prctl ARCH_REQ_XCOMP_PERM)");
-
   std::vector<TokenTile> tiles;
   int64_t owned = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t count = counts.typed_data()[e];
-    if (count < 0 || owned + count > pairs) return ffi::Error::InvalidArgument("counts must be >= 0 and sum to at most P");
-    for (int64_t first = owned; first < owned + count; first += kPanel) tiles.push_back({e, first, std::min(kPanel, owned + count - first)});
-    owned += count;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    if (counts[e] < 0 || owned + counts[e] > pairs) return ffi::Error::InvalidArgument("counts must be >= 0 and sum to at most P");
+    for (int64_t first = owned; first < owned + counts[e]; first += kPanel) tiles.push_back({e, first, std::min(kPanel, owned + counts[e] - first)});
+    owned += counts[e];
   }
-  float* out = y->typed_data();
   std::fill(out + owned * rows, out + pairs * rows, 0.0f);
 
-  const auto* x_bits = reinterpret_cast<const uint16_t*>(x.typed_data());
-  const int64_t tile_words = groups * kPanel * kPairs;
-  std::vector<uint32_t> tokens(tiles.size() * tile_words);
+  const int64_t groups = (cols + kBlock - 1) / kBlock, tile_words = groups * kPanel * kBlock;
+  std::vector<uint16_t> tokens(tiles.size() * tile_words);
   ParallelFor(pool, static_cast<int64_t>(tiles.size()), 4, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) RepackTokens(x_bits, cols, tiles[t], tokens.data() + t * tile_words);
+    for (int64_t t = begin; t < end; ++t) RepackTokens(x, cols, groups, tiles[t], tokens.data() + t * tile_words);
   });
 
-  // Items (expert, panel), experts with rows only; an expert's tiles are consecutive in `tiles`.
+  // Items (group, panel), groups with rows only; a group's tiles are consecutive in `tiles`.
   struct Item {
-    int64_t expert, r0, first_tile, end_tile;
+    int64_t group, r0, first_tile, end_tile;
   };
   std::vector<Item> items;
   for (int64_t t = 0; t < static_cast<int64_t>(tiles.size());) {
@@ -214,15 +215,13 @@ ffi::Error GroupedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::
     for (int64_t r0 = 0; r0 < rows; r0 += kPanel) items.push_back({tiles[t].expert, r0, t, end});
     t = end;
   }
-  const int64_t matrix = rows * groups;  // scale bytes per expert's matrix
   ParallelFor(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     TileScope scope;
     std::vector<uint16_t> panel(groups * kPanel * kBlock);
     alignas(64) float product[kPanel * kPanel];
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
-      const int64_t at = (l * experts + item.expert) * matrix;
-      DecodePanel(blocks.typed_data() + at * kPairs, scales.typed_data() + at, rows, groups, item.r0, panel.data());
+      fill_panel(item.group, item.r0, panel.data());
       const int64_t panel_rows = std::min(kPanel, rows - item.r0);
       for (int64_t t = item.first_tile; t < item.end_tile; ++t) {
         MultiplyTile(panel.data(), tokens.data() + t * tile_words, groups, product);
@@ -236,14 +235,61 @@ ffi::Error GroupedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error Mxfp4GroupedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> blocks,
+                                ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> counts,
+                                ffi::ResultBuffer<ffi::F32> y) {
+  auto bdims = blocks.dimensions();
+  if (bdims.size() != 5 || bdims[4] != kPairs) return ffi::Error::InvalidArgument("blocks must be [L, E, R, C/32, 16]");
+  const int64_t layers = bdims[0], experts = bdims[1], rows = bdims[2], groups = bdims[3], cols = kBlock * groups;
+  auto xdims = x.dimensions();
+  if (xdims.size() != 2 || xdims[1] != cols) return ffi::Error::InvalidArgument("x must be [P, C]");
+  if (scales.element_count() != layers * experts * rows * groups) return ffi::Error::InvalidArgument("scales must be [L, E, R, C/32]");
+  if (counts.element_count() != experts) return ffi::Error::InvalidArgument("counts must be [E]");
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const int64_t matrix = rows * groups;  // scale bytes per expert's matrix
+  auto decode = [&](int64_t e, int64_t r0, uint16_t* panel) {
+    const int64_t at = (l * experts + e) * matrix;
+    DecodePanel(blocks.typed_data() + at * kPairs, scales.typed_data() + at, rows, groups, r0, panel);
+  };
+  return GroupedProduct(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), xdims[0], cols, rows,
+                        std::vector<int64_t>(counts.typed_data(), counts.typed_data() + experts), decode, y->typed_data());
+}
+
+ffi::Error Bf16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  auto wdims = w.dimensions();
+  if (wdims.size() != 3) return ffi::Error::InvalidArgument("w must be [L, R, C]");
+  const int64_t layers = wdims[0], rows = wdims[1], cols = wdims[2];
+  auto xdims = x.dimensions();
+  if (xdims.size() != 2 || xdims[1] != cols) return ffi::Error::InvalidArgument("x must be [P, C]");
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const auto* matrix = reinterpret_cast<const uint16_t*>(w.typed_data()) + l * rows * cols;
+  const int64_t groups = (cols + kBlock - 1) / kBlock;
+  auto copy = [&](int64_t, int64_t r0, uint16_t* panel) { CopyPanel(matrix, rows, cols, groups, r0, panel); };
+  return GroupedProduct(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), xdims[0], cols, rows,
+                        std::vector<int64_t>{xdims[0]}, copy, y->typed_data());
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GPTOSS_NAME(GptossMxfp4GroupedGemm, GPTOSS_LEVEL), GroupedGemmImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GPTOSS_NAME(GptossMxfp4GroupedGemm, GPTOSS_LEVEL), Mxfp4GroupedGemmImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GPTOSS_NAME(GptossBf16Gemm, GPTOSS_LEVEL), Bf16GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
