@@ -98,11 +98,11 @@ def test_matches_decoded_weights(P, R, C, at):
     # float32 sums of C exact products in a different order than float64: measured <= 6e-7 of the
     # largest output; a wrong nibble, scale, row, expert or layer moves outputs by O(1) of it.
     bound = np.full_like(expected, 2e-6 * np.abs(expected).max())
-    if at == "avx2":  # x rounded to int16 per block of 32 (matvec.cc's Activations): off by <= half a step
+    if at != "portable":  # x rounded to int16 per block of 32 (matvec.cc's Activations): off by <= half a step
         half_steps = np.abs(x).reshape(P, C // 32, 32).max(-1) / 32767 / 2
         bound += np.einsum("prjb,pj->pr", np.abs(weights).reshape(P, R, C // 32, 32), half_steps)
     np.testing.assert_array_less(np.abs(got - expected), bound)
-    if at == "avx2":  # and the rounding is really there: the bound is not slack
+    if at != "portable":  # and the rounding is really there: the bound is not slack
         assert np.abs(got - expected).max() > 1e-3 * (bound - 2e-6 * np.abs(expected).max()).max()
 
 

@@ -11,9 +11,10 @@
 //
 // GptossMxfp4Matvec: y[p, r] = sum_c W[layer, expert[p]][r, c] * x[p, c], W given packed: blocks
 //   [L, E, R, C/32, 16] (two E2M1 codes per byte, low nibble first) and E8M0 scales [L, E, R, C/32].
-//   With AVX-512, codes are decoded by a 16-entry table held in one register (vpermps) and multiplied
-//   with x in float32; with AVX2, x is rounded to int16 per block and a block is an integer dot product
-//   (`Activations`). Nothing dequantized is written to memory.
+//   On x86, x is rounded to int16 per block and a block is an integer dot product in 256-bit registers
+//   (`Activations`; AVX-512 levels too: on Sapphire Rapids this ran 1.4x the rate of decoding to float32
+//   with vpermps in 512-bit registers, and of vpdpbusd on bytes, with the weights in cache). Nothing
+//   dequantized is written to memory.
 // GptossBf16Matvec: y[r] = sum_c W[layer][r, c] * x[c] for bfloat16 W [L, R, C] (a bfloat16 is the top
 //   half of a float32, so widening is a shift).
 #if defined(__x86_64__)
@@ -40,9 +41,9 @@ using gptoss::kFp4;
 using gptoss::ParallelFor;
 using gptoss::ScaleToFloat;
 
-static_assert(kBytesPerBlock == 16, "Row decodes one block's bytes in 16 float lanes (one AVX-512 or two AVX2 registers)");
+static_assert(kBytesPerBlock == 16, "Block decodes one block's bytes in one 128-bit register");
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #define GPTOSS_AVX2 1
 inline float Sum8(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -133,60 +134,6 @@ class Activations {
   int64_t groups_;
   std::vector<int16_t> values_;  // [P, groups, {even, odd}, 16]
   std::vector<float> steps_;     // [P, groups]
-};
-#elif defined(__AVX512F__)
-// A block's 16 code bytes widen to 16 lanes and a 16-entry table held in one register decodes them to
-// float32 (vpermps). The scales become float32 multipliers a row at a time, vectorized, before its blocks:
-// decoding one per block (a scalar shift moved into a vector register) held the kernel to 7 GB/s.
-// (Decoding to bfloat16 for vdpbf16ps, where x is bfloat16, measured no faster: the loop is not bound
-// by its instructions.)
-class Activations {
- public:
-  Activations(const float* x, int64_t pairs, int64_t groups) : cols_(kBlock * groups), split_(pairs * cols_) {
-    for (int64_t p = 0; p < pairs; ++p) {
-      const float* xp = x + p * cols_;
-      float* even = split_.data() + p * cols_;  // even elements meet low nibbles, odd ones high nibbles
-      for (int64_t c = 0; c < cols_ / 2; ++c) even[c] = xp[2 * c], even[cols_ / 2 + c] = xp[2 * c + 1];
-    }
-  }
-
-  float Row(const uint8_t* blocks, const uint8_t* scales, int64_t pair) const {
-    const int64_t groups = cols_ / kBlock;
-    __m512 accs[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t first = 0; first < groups; first += kChunk) {
-      float multipliers[kChunk];  // the scales as float32: the byte shifted into the exponent field
-      const int64_t count = std::min(kChunk, groups - first);
-      int64_t g = 0;
-      for (; g + 16 <= count; g += 16) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + first + g)));
-        _mm512_storeu_ps(multipliers + g, _mm512_castsi512_ps(_mm512_slli_epi32(bytes, 23)));
-      }
-      for (; g < count; ++g) multipliers[g] = ScaleToFloat(scales[first + g]);
-      // Four accumulators: one chain of dependent FMAs (4 cycles each) would bound the loop.
-      auto add = [&](int64_t g, __m512 acc) { return _mm512_fmadd_ps(Block(blocks, pair, first + g), _mm512_set1_ps(multipliers[g]), acc); };
-      for (g = 0; g + 4 <= count; g += 4) {
-        for (int64_t k = 0; k < 4; ++k) accs[k] = add(g + k, accs[k]);
-      }
-      for (; g < count; ++g) accs[0] = add(g, accs[0]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(accs[0], accs[1]), _mm512_add_ps(accs[2], accs[3])));
-  }
-
- private:
-  static constexpr int64_t kChunk = 256;  // blocks whose multipliers Row keeps on the stack
-
-  // Block g's products, unscaled.
-  __m512 Block(const uint8_t* blocks, int64_t pair, int64_t g) const {
-    const float* even = split_.data() + pair * cols_ + kBytesPerBlock * g;
-    const __m512 table = _mm512_loadu_ps(kFp4);
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + kBytesPerBlock * g)));
-    const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table);
-    const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-    return _mm512_fmadd_ps(high, _mm512_loadu_ps(even + cols_ / 2), _mm512_mul_ps(low, _mm512_loadu_ps(even)));
-  }
-
-  int64_t cols_;
-  std::vector<float> split_;  // [P, {even [C/2], odd [C/2]}]
 };
 #else
 // x as float32, de-interleaved once per pair: even elements meet low nibbles, odd ones high nibbles.
