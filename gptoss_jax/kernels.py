@@ -62,8 +62,9 @@ def reads_stacks(cached: bool) -> bool:
 def gemms_on_amx(x: jax.Array) -> bool:
     """True where products of several bfloat16 rows (prefill's projections, `moe.grouped`'s experts) run
     as the C++ GEMMs: on a CPU whose kernels run at the `amx` level (elsewhere those kernels' scalar
-    loops are slower than XLA's GEMMs). XLA:CPU reaches 100-200 GFLOP/s on bf16 GEMMs without AMX."""
-    return x.dtype == jnp.bfloat16 and cpu_kernels() and native.level() == "amx"
+    loops are slower than XLA's GEMMs), without a mesh (the kernels see whole arrays, not shards).
+    XLA:CPU reaches 100-200 GFLOP/s on bf16 GEMMs without AMX."""
+    return x.dtype == jnp.bfloat16 and cpu_kernels() and native.level() == "amx" and jax.sharding.get_abstract_mesh().empty
 
 
 def attends_token_on_cpu(q_BTNGD: jax.Array, keys_BSND: jax.Array) -> bool:
