@@ -1,6 +1,7 @@
 """Cached steps on CPU see whole parameter stacks and a layer index (`stacked.LayerOf`): a one-token
 decode step copies no layer's weights (the C++ kernels read them in the stacks), a prefill step no
-layer's experts (`moe.grouped` slices one expert at a time), and both compute what slicing them does."""
+layer's experts (`moe.grouped` slices one expert at a time), and both compute what slicing them does;
+a prefill on the C++ GEMMs computes what XLA's products do."""
 
 import dataclasses
 import re
@@ -91,3 +92,22 @@ def test_in_place_equals_sliced(model, monkeypatch, moe_impl, chunk):
         runs.append(np.concatenate(logits))
     # Each output is computed by the same ops in the same order both ways: nothing but the addressing differs.
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_prefill_on_the_gemm_kernels_equals_xla(monkeypatch):
+    """A bfloat16 model's prefill with its projections and experts in the C++ GEMMs (AMX where the CPU has
+    it; forced here, so elsewhere their scalar loops) against XLA's products. The same bf16 roundings
+    of the same float32 sums, in another order: measured 2e-7 of the largest logit; a bf16 rounding
+    flipped by the order moves an activation by 2^-8 of itself. A wrong row, expert or layer moves
+    logits by O(1) of the largest."""
+    model = GptOss(CONFIG, moe_impl="grouped", rngs=nnx.Rngs(0))
+    tokens = jnp.array([[5, 17, 99, 3, 42, 8, 64, 1, 77]])
+    runs = []
+    for forced in (True, False):
+        monkeypatch.setattr(kernels, "gemms_on_amx", lambda x, f=forced: f and x.dtype == jnp.bfloat16)
+        step, state = _step(model)
+        program = step.lower(state, tokens, model.init_cache(1, 16)).as_text()
+        assert ("gptoss_mxfp4_grouped_gemm" in program and "gptoss_bf16_gemm" in program) == forced
+        runs.append(np.asarray(step(state, tokens, model.init_cache(1, 16))[0][0], np.float32))
+    np.testing.assert_allclose(runs[0], runs[1], atol=2**-8 * np.abs(runs[1]).max())
+    assert (runs[0].argmax(-1) == runs[1].argmax(-1)).all()
