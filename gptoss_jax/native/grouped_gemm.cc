@@ -1,7 +1,7 @@
-// The experts' products for prefill on CPU, as an XLA FFI custom call: rows sorted by expert, each
-// multiplied by its expert's packed MXFP4 matrix. XLA:CPU multiplies decoded bfloat16 experts at
-// 100-200 GFLOP/s and writes every decoded expert to memory first; Intel's AMX multiplies tiles of
-// bfloat16 at several times that, and here a decoded panel of weights lives in L2 only.
+// Prefill's products on CPU with Intel's AMX, as XLA FFI custom calls: the experts' (rows sorted by
+// expert, each times its expert's packed MXFP4 matrix) and the projections' (bfloat16). XLA:CPU
+// multiplies bfloat16 at 100-200 GFLOP/s and writes every decoded expert to memory first; AMX multiplies
+// tiles of bfloat16 at several times that, and here a decoded panel of weights lives in L2 only.
 //
 // GptossBf16Gemm: y[p, r] = sum_c W[layer][r, c] * x[p, c], all bfloat16 (x [P, C], W [L, R, C]): the
 //   projections of a prefill step, the same tiles fed from copied rather than decoded panels.
@@ -27,8 +27,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 #include "gptoss_jax/native/formats.h"
@@ -85,8 +83,8 @@ void DecodePanel(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int
   }
 }
 
-// x's rows of one token tile as B operands: [groups][2 halves of kTile tokens][kPairs][kTile] pairs of
-// bfloat16 (a uint32 each); columns past `cols` and tokens past the tile's count are zero.
+// x's rows of one token tile as B operands: [groups][2 halves of kTile tokens][kPairs][kTile][2]
+// bfloat16, pairs of adjacent columns; columns past `cols` and tokens past the tile's count are zero.
 void RepackTokens(const uint16_t* x, int64_t cols, int64_t groups, const TokenTile& tile, uint16_t* out) {
   std::fill(out, out + groups * kPanel * kBlock, uint16_t{0});
   for (int64_t t = 0; t < tile.count; ++t) {
