@@ -20,10 +20,6 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -36,7 +32,7 @@ namespace {
 
 using gptoss::Bf16Bits;
 using gptoss::Bf16ToFloat;
-using gptoss::InRange;
+using gptoss::LayerIndex;
 using gptoss::kBlock;
 using gptoss::kFp4;
 using gptoss::ParallelFor;
@@ -119,6 +115,8 @@ struct alignas(64) TileConfig {
 };
 
 // Tiles 0-3 accumulate out (weight half a, token half b at 2a + b), 4-5 hold weight halves, 6-7 token halves.
+// Linux grants AMX's tile state to a process that asks: `native` runs the amx level only once
+// cpu_level.cc's request was granted in this process.
 class TileScope {
  public:
   TileScope() {
@@ -153,11 +151,6 @@ void MultiplyTile(const uint16_t* panel, const uint16_t* tokens, int64_t groups,
   _tile_stored(3, out + kTile * kPanel + kTile, kPanel * 4);
 }
 
-// Linux grants AMX's 8 KB of tile state per process on request.
-bool AmxPermitted() {
-  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return permitted;
-}
 #else
 struct TileScope {};
 
@@ -177,8 +170,6 @@ void MultiplyTile(const uint16_t* panel, const uint16_t* tokens, int64_t groups,
     }
   }
 }
-
-bool AmxPermitted() { return true; }
 #endif
 
 // out[p] = W_e @ x[p] for the rows p each group e owns (counts in order; rows past them zero), W_e's
@@ -186,7 +177,6 @@ bool AmxPermitted() { return true; }
 template <typename FillPanel>
 ffi::Error GroupedProduct(ffi::ThreadPool& pool, const uint16_t* x, int64_t pairs, int64_t cols, int64_t rows,
                           const std::vector<int64_t>& counts, const FillPanel& fill_panel, float* out) {
-  if (!AmxPermitted()) return ffi::Error::Internal("Linux refused AMX's tile state (arch_prctl ARCH_REQ_XCOMP_PERM)");
   std::vector<TokenTile> tiles;
   int64_t owned = 0;
   for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
@@ -243,9 +233,9 @@ ffi::Error Mxfp4GroupedGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, 
   if (xdims.size() != 2 || xdims[1] != cols) return ffi::Error::InvalidArgument("x must be [P, C]");
   if (scales.element_count() != layers * experts * rows * groups) return ffi::Error::InvalidArgument("scales must be [L, E, R, C/32]");
   if (counts.element_count() != experts) return ffi::Error::InvalidArgument("counts must be [E]");
-  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
-  const int64_t l = layer.typed_data()[0];
-  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const ffi::ErrorOr<int64_t> layer_index = LayerIndex(layer, layers);
+  if (layer_index.has_error()) return layer_index.error();
+  const int64_t l = *layer_index;
   const int64_t matrix = rows * groups;  // scale bytes per expert's matrix
   auto decode = [&](int64_t e, int64_t r0, uint16_t* panel) {
     const int64_t at = (l * experts + e) * matrix;
@@ -262,9 +252,9 @@ ffi::Error Bf16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const int64_t layers = wdims[0], rows = wdims[1], cols = wdims[2];
   auto xdims = x.dimensions();
   if (xdims.size() != 2 || xdims[1] != cols) return ffi::Error::InvalidArgument("x must be [P, C]");
-  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
-  const int64_t l = layer.typed_data()[0];
-  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const ffi::ErrorOr<int64_t> layer_index = LayerIndex(layer, layers);
+  if (layer_index.has_error()) return layer_index.error();
+  const int64_t l = *layer_index;
   const auto* matrix = reinterpret_cast<const uint16_t*>(w.typed_data()) + l * rows * cols;
   const int64_t groups = (cols + kBlock - 1) / kBlock;
   auto copy = [&](int64_t, int64_t r0, uint16_t* panel) { CopyPanel(matrix, rows, cols, groups, r0, panel); };

@@ -35,10 +35,12 @@ namespace {
 
 using gptoss::Bf16ToFloat;
 using gptoss::InRange;
+using gptoss::LayerIndex;
 using gptoss::kBlock;
 using gptoss::kBytesPerBlock;
 using gptoss::kFp4;
 using gptoss::ParallelFor;
+using gptoss::Prefetch;
 using gptoss::ScaleToFloat;
 
 static_assert(kBytesPerBlock == 16, "Block decodes one block's bytes in one 128-bit register");
@@ -171,14 +173,9 @@ class Activations {
 };
 #endif
 
-// Rows are read kAhead rows after they are asked for: the hardware's prefetchers, left to themselves,
-// kept each core's stream of packed rows below what the decode can take.
+// Packed rows are prefetched kAhead rows before they are read: the hardware's prefetchers, left to
+// themselves, kept each core's stream of packed rows below what the decode can take.
 constexpr int64_t kAhead = 2;
-
-inline void Prefetch(const uint8_t* blocks, const uint8_t* scales, int64_t row, int64_t groups) {
-  for (int64_t at = 0; at < groups * kBytesPerBlock; at += 64) __builtin_prefetch(blocks + row * kBytesPerBlock + at);
-  for (int64_t at = 0; at < groups; at += 64) __builtin_prefetch(scales + row + at);
-}
 
 ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> expert,
@@ -189,9 +186,9 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const int64_t pairs = expert.element_count();
   if (x.element_count() != pairs * cols) return ffi::Error::InvalidArgument("x must be [P, C]");
   if (scales.element_count() != layers * experts * rows * groups) return ffi::Error::InvalidArgument("scales must be [L, E, R, C/32]");
-  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
-  const int64_t l = layer.typed_data()[0];
-  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const ffi::ErrorOr<int64_t> layer_index = LayerIndex(layer, layers);
+  if (layer_index.has_error()) return layer_index.error();
+  const int64_t l = *layer_index;
   const int32_t* ids = expert.typed_data();
   for (int64_t p = 0; p < pairs; ++p) {
     if (!InRange(ids[p], experts)) return ffi::Error::InvalidArgument("expert id out of range");
@@ -202,7 +199,11 @@ ffi::Error Mxfp4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   auto row_at = [&](int64_t i) { return (l * experts + ids[i / rows]) * matrix_rows + i % rows * groups; };  // in scale bytes
   ParallelFor(pool, pairs * rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (i + kAhead < end) Prefetch(blocks.typed_data(), scales.typed_data(), row_at(i + kAhead), groups);
+      if (i + kAhead < end) {
+        const int64_t ahead = row_at(i + kAhead);
+        Prefetch(blocks.typed_data() + ahead * kBytesPerBlock, groups * kBytesPerBlock);
+        Prefetch(scales.typed_data() + ahead, groups);
+      }
       const int64_t row = row_at(i);
       y->typed_data()[i] = activations.Row(blocks.typed_data() + row * kBytesPerBlock, scales.typed_data() + row, i / rows);
     }
@@ -248,15 +249,13 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (wdims.size() != 3) return ffi::Error::InvalidArgument("w must be [L, R, C]");
   const int64_t layers = wdims[0], rows = wdims[1], cols = wdims[2];
   if (x.element_count() != cols) return ffi::Error::InvalidArgument("x must be [C]");
-  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
-  const int64_t l = layer.typed_data()[0];
-  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  const ffi::ErrorOr<int64_t> layer_index = LayerIndex(layer, layers);
+  if (layer_index.has_error()) return layer_index.error();
+  const int64_t l = *layer_index;
   const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data()) + l * rows * cols;
   ParallelFor(pool, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (r + 1 < end) {
-        for (int64_t at = 0; at < cols * 2; at += 64) __builtin_prefetch(reinterpret_cast<const char*>(weights + (r + 1) * cols) + at);
-      }
+      if (r + 1 < end) Prefetch(weights + (r + 1) * cols, cols * sizeof(uint16_t));
       y->typed_data()[r] = Bf16Row(weights + r * cols, x.typed_data(), cols);
     }
   });

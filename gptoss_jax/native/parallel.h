@@ -23,6 +23,19 @@ namespace gptoss {
 // Indices that address a stack or a cache come from traced values, so they are checked rather than trusted.
 inline bool InRange(int64_t index, int64_t size) { return index >= 0 && index < size; }
 
+// The layer a kernel is asked to read in a stack of `layers`: a scalar in range, else the error to return.
+inline ffi::ErrorOr<int64_t> LayerIndex(const ffi::Buffer<ffi::S32>& layer, int64_t layers) {
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer must be a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (!InRange(l, layers)) return ffi::Error::InvalidArgument("layer out of range");
+  return l;
+}
+
+// Asks the hardware to bring [data, data + bytes) into cache ahead of its use.
+inline void Prefetch(const void* data, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(data) + at);
+}
+
 // Runs work(begin, end) over [0, total) in shares taken by the calling thread and by tasks on XLA's
 // CPU thread pool (threads of our own would oversubscribe the cores XLA already keeps busy). The
 // caller waits only for shares that were started; a task the pool runs late finds none left and
